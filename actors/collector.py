@@ -1,0 +1,188 @@
+"""The collector: one simulator, one copy of the actor network, one segment sink.
+
+Plain Python; ``actors.remote.CollectorActor`` is the thin Ray wrapper around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from common.config import ConvoyConfig
+from common.networks import Actor
+from common.protocols import SegmentSink
+from common.schema import Observation, SchemaError, check_observation
+from common.weights import WeightsError, load_into, message_from_bytes
+
+from actors.segments import SegmentBuilder
+
+log = logging.getLogger(__name__)
+
+
+def collector_noise_std(cfg: ConvoyConfig, collector_id: int) -> float:
+    """Per-collector exploration noise spread linearly from noise_std to noise_std_max
+    (Ape-X gives each actor its own exploration rate; Horgan et al. 2018, sec. 4.1)."""
+    n = cfg.collector.num_collectors
+    lo, hi = cfg.collector.noise_std, cfg.collector.noise_std_max
+    return lo if n <= 1 else lo + (hi - lo) * collector_id / (n - 1)
+
+
+class Collector:
+    """Steps its env with random actions until the run has ``collector.start_steps``
+    transitions and it holds published weights, then with the newest actor plus Gaussian
+    noise. Every transition carries the weight version that chose it (0 = random)."""
+
+    def __init__(
+        self,
+        cfg: ConvoyConfig,
+        collector_id: int,
+        sink: SegmentSink,
+        env_factory: Callable[[], gym.Env],
+    ) -> None:
+        self.cfg = cfg
+        self.collector_id = collector_id
+        self.sink = sink
+        self.env = env_factory()
+        self.noise_std = collector_noise_std(cfg, collector_id)
+        self.seed = cfg.run.seed + 1000 * (collector_id + 1)
+        self.rng = np.random.default_rng(self.seed)
+        self.policy = Actor(cfg.learner.encoder, cfg.learner.hidden_dim).eval()
+        self.policy.requires_grad_(False)
+        self.weights_version = 0
+        self.run_env_steps = 0
+        self.builder = SegmentBuilder(collector_id, cfg.collector.segment_length)
+        # Episode ids are unique across collectors: the collector id in the high bits.
+        self._episode_counter = 0
+        self.env_steps_total = 0
+        self.episodes_total = 0
+        self.policy_steps_total = 0
+        self.bad_observations_total = 0
+        self.dropped_steps_total = 0
+        self.last_episode_return = float("nan")
+        self.recent_returns: deque[float] = deque(maxlen=20)
+        self.recent_completion: deque[float] = deque(maxlen=20)
+        self.recent_success: deque[float] = deque(maxlen=20)
+        self.last_acting_version = 0
+        self._episode_return = 0.0
+        self._obs = self._reset()
+
+    # ----- control from the driver --------------------------------------------------------
+
+    def set_weights(self, message: bytes) -> int:
+        """Load a weight message if it is newer than what we hold; returns the version held."""
+        msg = message_from_bytes(message)
+        if msg.version > self.weights_version:
+            try:
+                load_into(self.policy, msg.payload)
+            except WeightsError:
+                log.exception("collector %d: rejected weights version %d", self.collector_id, msg.version)
+                raise
+            self.weights_version = msg.version
+        return self.weights_version
+
+    def set_run_env_steps(self, n: int) -> None:
+        self.run_env_steps = max(self.run_env_steps, int(n))
+
+    # ----- stepping ----------------------------------------------------------------------
+
+    def _reset(self) -> Observation:
+        seed = int(self.rng.integers(2**31))
+        for _attempt in range(3):
+            obs, _ = self.env.reset(seed=seed)
+            try:
+                check_observation(obs)
+            except SchemaError as exc:
+                self.bad_observations_total += 1
+                log.warning("collector %d: bad observation at reset (%s); resetting again", self.collector_id, exc)
+                seed += 1
+                continue
+            self._episode_counter += 1
+            self.builder.start_episode((self.collector_id << 40) | self._episode_counter, obs)
+            self._episode_return = 0.0
+            return obs
+        raise RuntimeError(f"collector {self.collector_id}: env produced invalid observations on 3 resets")
+
+    @property
+    def acting_randomly(self) -> bool:
+        return self.run_env_steps < self.cfg.collector.start_steps or self.weights_version == 0
+
+    def act(self, obs: Observation) -> np.ndarray:
+        if self.acting_randomly:
+            return self.rng.uniform(-1.0, 1.0, size=2).astype(np.float32)
+        with torch.no_grad():
+            a = self.policy(torch.from_numpy(obs["image"])[None], torch.from_numpy(obs["vector"])[None])[0].numpy()
+        noise = self.rng.normal(0.0, self.noise_std, size=a.shape)
+        return np.clip(a + noise, -1.0, 1.0).astype(np.float32)
+
+    def collect(self, num_steps: int) -> dict[str, float]:
+        """Run ``num_steps`` env steps; returns this collector's flat metric dict."""
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            version = 0 if self.acting_randomly else self.weights_version
+            action = self.act(self._obs)
+            next_obs, reward, terminated, truncated, info = self.env.step(action)
+            self.env_steps_total += 1
+            self.run_env_steps += 1
+            if version > 0:
+                self.policy_steps_total += 1
+                self.last_acting_version = version
+            try:
+                check_observation(next_obs)
+                if not np.isfinite(reward):
+                    raise SchemaError(f"reward: non-finite value {reward!r}")
+            except SchemaError as exc:
+                # Caught where it appears: the unfinished segment is dropped, never stored.
+                self.bad_observations_total += 1
+                self.dropped_steps_total += self.builder.drop()
+                log.warning("collector %d: %s; dropping the episode's unfinished segment", self.collector_id, exc)
+                self._obs = self._reset()
+                continue
+            self._episode_return += float(reward)
+            segment = self.builder.add(action, float(reward), next_obs, terminated, truncated, version)
+            if segment is not None:
+                self.sink.write(segment)
+            if terminated or truncated:
+                self._finish_episode(info)
+                self._obs = self._reset()
+            else:
+                self._obs = next_obs
+        self._last_call_seconds = time.perf_counter() - start
+        return self.metrics()
+
+    def _finish_episode(self, info: dict[str, Any]) -> None:
+        self.episodes_total += 1
+        self.last_episode_return = self._episode_return
+        self.recent_returns.append(self._episode_return)
+        self.recent_completion.append(float(info.get("route_completion", 0.0)))
+        self.recent_success.append(1.0 if info.get("termination_reason") == "route_completed" else 0.0)
+
+    def metrics(self) -> dict[str, float]:
+        def mean(d: deque[float]) -> float:
+            return float(np.mean(d)) if d else float("nan")
+
+        return {
+            "collector/env_steps_total": self.env_steps_total,
+            "collector/policy_steps_total": self.policy_steps_total,
+            "collector/episodes_total": self.episodes_total,
+            "collector/bad_observations_total": self.bad_observations_total,
+            "collector/dropped_steps_total": self.dropped_steps_total,
+            "collector/weights_version": self.weights_version,
+            "collector/last_acting_version": self.last_acting_version,
+            "collector/last_episode_return": self.last_episode_return,
+            "collector/mean_return": mean(self.recent_returns),
+            "collector/route_completion": mean(self.recent_completion),
+            "collector/success_rate": mean(self.recent_success),
+            "collector/noise_std": self.noise_std,
+            **self.sink.metrics(),
+        }
+
+    def close(self) -> None:
+        self.sink.close()
+        self.env.close()

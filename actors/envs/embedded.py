@@ -1,0 +1,234 @@
+"""The embedded driving simulator: highway-env's racetrack behind convoy's observation contract.
+
+highway-env supplies the road network, vehicle dynamics, other traffic and the top-down
+renderer; everything the agent sees and is rewarded for is built here, so it means the same
+as the CARLA env's:
+
+``image``  uint8 (4, 84, 84): the last four grayscale top-down frames centred on the ego
+           vehicle, oldest first (at reset the first frame is repeated).
+``vector`` float32 (23,), scaled to roughly [-1, 1]:
+           [0]  speed / SPEED_SCALE (m/s)
+           [1]  lateral offset from the lane centre / (lane width / 2)
+           [2]  heading error w.r.t. the lane direction / pi (wrapped to [-1, 1])
+           [3:23] the next 10 route waypoints on the lane centre, WAYPOINT_SPACING apart,
+           as (x forward, y left) in the ego frame / WAYPOINT_SCALE (m)
+``action`` float32 (2,) in [-1, 1]: steering (+ = left, scaled to +-45 deg), and
+           throttle (>0) / brake (<0) (scaled to +-5 m/s^2).
+
+Reward per step: progress along the lane (speed * cos(heading error) * dt, in units of
+``target_speed * dt`` and capped at 1, so going faster than the target earns nothing more),
+minus ``CENTERING_WEIGHT * lateral^2`` (lateral in half-lane units), minus
+``env.collision_penalty`` on collision or leaving the road.
+
+``terminated`` with ``info["termination_reason"]`` in collision / off_road / route_completed;
+``truncated`` at ``env.max_episode_steps`` (reason time_limit). ``info["route_completion"]``
+is progress / route length in [0, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from common.config import EnvConfig
+from common.schema import ACTION_DIM, FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, STACK, VECTOR_DIM, Observation
+
+log = logging.getLogger(__name__)
+
+SPEED_SCALE = 10.0
+WAYPOINT_SPACING = 4.0
+WAYPOINT_SCALE = 20.0
+CENTERING_WEIGHT = 0.2
+RENDER_SCALING = 2.0  # pixels per metre: 84 px show 42 m around the ego vehicle
+GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+
+
+def _ensure_offscreen_video() -> None:
+    # highway-env's viewer disables itself under SDL's "dummy" driver and then silently
+    # returns all-black frames; "offscreen" renders for real without a display.
+    current = os.environ.get("SDL_VIDEODRIVER")
+    if current in (None, "", "dummy"):
+        if current == "dummy":
+            log.warning("SDL_VIDEODRIVER=dummy renders blank frames in highway-env; using 'offscreen'")
+        os.environ["SDL_VIDEODRIVER"] = "offscreen"
+
+
+def wrap_angle(a: float) -> float:
+    return (a + math.pi) % (2 * math.pi) - math.pi
+
+
+def to_ego_frame(points: np.ndarray, position: np.ndarray, heading: float) -> np.ndarray:
+    """World points (N, 2) -> ego frame (x forward, y left)."""
+    d = points - position
+    c, s = math.cos(heading), math.sin(heading)
+    return np.stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]], axis=1)
+
+
+def observation_space() -> gym.spaces.Dict:
+    return gym.spaces.Dict(
+        {
+            "image": gym.spaces.Box(0, 255, IMAGE_SHAPE, np.uint8),
+            "vector": gym.spaces.Box(-np.inf, np.inf, (VECTOR_DIM,), np.float32),
+        }
+    )
+
+
+def action_space() -> gym.spaces.Box:
+    return gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+
+
+class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
+    """Lane following on highway-env's racetrack with convoy's Dict observation."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 5}
+
+    def __init__(self, config: EnvConfig | None = None, render_mode: str | None = None) -> None:
+        _ensure_offscreen_video()
+        from highway_env.envs.common.graphics import EnvViewer
+        from highway_env.envs.racetrack_env import RacetrackEnv
+
+        self.config = config or EnvConfig()
+        self.render_mode = render_mode
+        self.observation_space = observation_space()
+        self.action_space = action_space()
+        self._sim = RacetrackEnv(
+            config={
+                # The inner observation is unused; Kinematics is the cheapest one that works here.
+                "observation": {"type": "Kinematics", "vehicles_count": 1},
+                "action": {"type": "ContinuousAction", "longitudinal": True, "lateral": True},
+                "other_vehicles": self.config.other_vehicles,
+                "duration": 1e9,  # time limits are ours (truncated), not highway-env's
+                "offscreen_rendering": True,
+            }
+        )
+        self._dt = 1.0 / float(self._sim.config["policy_frequency"])
+        viewer_config = dict(self._sim.config)
+        viewer_config.update(
+            {
+                "offscreen_rendering": True,
+                "screen_width": FRAME_SHAPE[1],
+                "screen_height": FRAME_SHAPE[0],
+                "scaling": RENDER_SCALING,
+                "centering_position": [0.5, 0.5],
+            }
+        )
+        # One viewer for the env's life: highway-env's own GrayscaleObservation builds a new
+        # one on every reset.
+        self._viewer = EnvViewer(self._sim, config=viewer_config)
+        self._stack = np.zeros(IMAGE_SHAPE, np.uint8)
+        self._steps = 0
+        self._progress = 0.0
+
+    # ----- observation -------------------------------------------------------------------
+
+    def _frame(self) -> np.ndarray:
+        self._viewer.observer_vehicle = self._sim.vehicle
+        self._viewer.display()
+        rgb = np.moveaxis(self._viewer.get_image(), 0, 1)  # (H, W, 3)
+        return np.dot(rgb[..., :3], GRAY_WEIGHTS).clip(0, 255).astype(np.uint8)
+
+    def _lane_state(self) -> tuple[float, float, float]:
+        """(longitudinal s, lateral offset m, heading error rad) w.r.t. the ego's current lane."""
+        v = self._sim.vehicle
+        s, lateral = v.lane.local_coordinates(v.position)
+        return float(s), float(lateral), wrap_angle(float(v.heading) - float(v.lane.heading_at(s)))
+
+    def _waypoints(self, s: float) -> np.ndarray:
+        """The next NUM_WAYPOINTS lane-centre points ahead, following the lane into the next ones."""
+        v = self._sim.vehicle
+        network = self._sim.road.network
+        lane_index, lane = v.lane_index, v.lane
+        points = np.empty((NUM_WAYPOINTS, 2))
+        target = s
+        for k in range(NUM_WAYPOINTS):
+            target += WAYPOINT_SPACING
+            while target > lane.length:
+                target -= lane.length
+                lane_index = network.next_lane(lane_index, position=v.position)
+                lane = network.get_lane(lane_index)
+            points[k] = lane.position(target, 0.0)
+        return points
+
+    def _vector(self) -> np.ndarray:
+        v = self._sim.vehicle
+        s, lateral, heading_err = self._lane_state()
+        half_width = float(v.lane.width_at(s)) / 2.0
+        ego = to_ego_frame(self._waypoints(s), np.asarray(v.position, float), float(v.heading)) / WAYPOINT_SCALE
+        out = np.empty(VECTOR_DIM, np.float32)
+        out[0] = float(v.speed) / SPEED_SCALE
+        out[1] = lateral / half_width
+        out[2] = heading_err / math.pi
+        out[3:] = ego.reshape(-1)
+        return out
+
+    def _observation(self) -> Observation:
+        return {"image": self._stack.copy(), "vector": self._vector()}
+
+    # ----- gymnasium API -----------------------------------------------------------------
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Observation, dict[str, Any]]:
+        super().reset(seed=seed)
+        self._sim.reset(seed=seed)
+        self._steps = 0
+        self._progress = 0.0
+        self._stack[:] = self._frame()
+        return self._observation(), {"route_completion": 0.0, "termination_reason": None}
+
+    def step(self, action: np.ndarray) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
+        a = np.asarray(action, dtype=np.float32).reshape(-1)
+        if a.shape != (ACTION_DIM,):
+            raise ValueError(f"action: expected shape ({ACTION_DIM},), got {np.shape(action)}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"action: non-finite values {a.tolist()}")
+        a = np.clip(a, -1.0, 1.0)
+        # highway-env orders continuous actions [acceleration, steering]; the contract is
+        # [steering, throttle/brake].
+        self._sim.step(np.array([a[1], a[0]], dtype=np.float32))
+        self._steps += 1
+        self._stack[:-1] = self._stack[1:]
+        self._stack[-1] = self._frame()
+
+        v = self._sim.vehicle
+        _, lateral, heading_err = self._lane_state()
+        half_width = float(v.lane.width_at(0.0)) / 2.0
+        ds = float(v.speed) * math.cos(heading_err) * self._dt
+        self._progress += max(ds, 0.0)
+        route_completion = min(self._progress / self.config.route_length_m, 1.0)
+
+        reason: str | None = None
+        if v.crashed:
+            reason = "collision"
+        elif not v.on_road or abs(lateral) > self.config.off_road_m:
+            reason = "off_road"
+        elif self._progress >= self.config.route_length_m:
+            reason = "route_completed"
+        terminated = reason is not None
+        truncated = not terminated and self._steps >= self.config.max_episode_steps
+        if truncated:
+            reason = "time_limit"
+
+        progress_term = min(ds / (self.config.target_speed * self._dt), 1.0)
+        reward = progress_term - CENTERING_WEIGHT * (lateral / half_width) ** 2
+        if reason in ("collision", "off_road"):
+            reward -= self.config.collision_penalty
+        info = {
+            "termination_reason": reason,
+            "route_completion": route_completion,
+            "progress_m": self._progress,
+            "speed": float(v.speed),
+        }
+        return self._observation(), float(reward), terminated, truncated, info
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode != "rgb_array":
+            return None
+        return np.repeat(self._stack[-1][..., None], 3, axis=-1)
+
+    def close(self) -> None:
+        self._viewer.close()
+        self._sim.close()

@@ -1,0 +1,296 @@
+"""Run configuration: one frozen dataclass per component, composed into :class:`ConvoyConfig`.
+
+Configs are loaded from YAML (``deploy/configs/*.yaml``) and patched with dotted overrides
+(``learner.batch_size=128``). Every field is validated on load from its type and the
+constraints in its metadata (``choices``, ``min``, ``max``), so a bad value fails at start
+with a :class:`ConfigError` that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key, the value and what is allowed."""
+
+
+def _opt(default: Any, doc: str, **constraints: Any) -> Any:
+    """A dataclass field with a docstring and validation constraints in its metadata."""
+    return field(default=default, metadata={"doc": doc, **constraints})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    total_env_steps: int = _opt(200_000, "Stop after this many env steps summed over collectors.", min=1)
+    out_dir: str = _opt("runs/local", "Run directory: checkpoints/, config.yaml, logs.")
+    seed: int = _opt(0, "Base seed; collector i uses seed + 1000 * (i + 1).", min=0)
+    checkpoint_every_updates: int = _opt(5_000, "Write a checkpoint every this many learner updates.", min=1)
+    keep_checkpoints: int = _opt(3, "How many checkpoints stay on disk (oldest removed first).", min=1)
+    progress_every_s: float = _opt(2.0, "Seconds between progress lines.", min=0.1)
+    metrics: bool = _opt(True, "Serve Prometheus metrics from every component.")
+    metrics_host: str = _opt("127.0.0.1", "Address the metrics endpoints bind to.")
+    ray_address: str = _opt("", "Ray cluster to join ('auto' on a `ray up` cluster); empty starts a local one.")
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    backend: str = _opt("embedded", "Simulator behind the collectors.", choices=("embedded",))
+    max_episode_steps: int = _opt(400, "Time limit per episode (ends with truncated=True).", min=1)
+    route_length_m: float = _opt(300.0, "Route length; driving it ends the episode as route_completed.", min=1.0)
+    target_speed: float = _opt(10.0, "Speed (m/s) the speed term of the reward is centred on.", min=0.1)
+    other_vehicles: int = _opt(1, "Other vehicles on the embedded track.", min=0, max=10)
+    off_road_m: float = _opt(4.0, "Lateral distance from the lane centre that counts as leaving the road.", min=0.5)
+    collision_penalty: float = _opt(5.0, "Reward subtracted on collision or leaving the road.", min=0.0)
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    num_collectors: int = _opt(2, "Collector actors, each owning one simulator.", min=1, max=512)
+    start_steps: int = _opt(5_000, "Uniform random actions (and no learner updates) until the run has this many transitions.", min=0)
+    noise_std: float = _opt(0.1, "Gaussian exploration noise of collector 0.", min=0.0)
+    noise_std_max: float = _opt(0.3, "Noise of the last collector; others are spread linearly between (Ape-X style).", min=0.0)
+    segment_length: int = _opt(64, "Steps per replay segment; longer amortises the 4 boundary frames.", min=1, max=4096)
+    steps_per_call: int = _opt(64, "Env steps per collect() call between weight refreshes.", min=1)
+    num_cpus: float = _opt(1.0, "Ray CPUs reserved per collector.", min=0.0)
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    num_shards: int = _opt(1, "Redis shards started by convoy (ignored when shard_urls is set).", min=1, max=256)
+    capacity: int = _opt(100_000, "Transitions kept over all shards; FIFO eviction beyond.", min=1)
+    shard_urls: tuple[str, ...] = _opt((), "redis:// URLs of existing shards; empty starts num_shards locally.")
+    bind: str = _opt("127.0.0.1", "Address the shards convoy starts bind to.")
+    password: str = _opt("", "Shard password (requirepass); empty for none.")
+    redis_server: str = _opt("redis-server", "redis-server executable used to start shards.")
+    codec: str = _opt("lz4", "Per-frame compression.", choices=("lz4", "zstd", "none"))
+    prefetch_batches: int = _opt(4, "Ready batches the sampler keeps queued.", min=1)
+    sampler_threads: int = _opt(1, "Background threads fetching and decoding batches.", min=1, max=32)
+    index_refresh_s: float = _opt(0.25, "How often the sampler refreshes its view of the shards' contents.", min=0.0)
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    batch_size: int = _opt(256, "Transitions per TD3 update.", min=1)
+    device: str = _opt("auto", "Torch device: auto (cuda if present), cpu, cuda or cuda:N.")
+    encoder: str = _opt("nature", "CNN for actor and critic.", choices=("nature",))
+    hidden_dim: int = _opt(256, "Width of the MLP heads after the CNN.", min=1)
+    gamma: float = _opt(0.99, "Discount.", min=0.0, max=1.0)
+    tau: float = _opt(0.005, "Polyak rate of every target network (TD3 paper: 0.005).", min=0.0, max=1.0)
+    policy_delay: int = _opt(2, "Critic updates per actor and target update (TD3 paper: 2).", min=1)
+    target_noise: float = _opt(0.2, "Std of target policy smoothing noise (TD3 paper: 0.2).", min=0.0)
+    target_noise_clip: float = _opt(0.5, "Clip of target policy smoothing noise (TD3 paper: 0.5).", min=0.0)
+    actor_lr: float = _opt(3e-4, "Adam learning rate of the actor head.", min=0.0)
+    critic_lr: float = _opt(3e-4, "Adam learning rate of the critic heads.", min=0.0)
+    actor_encoder_lr: float = _opt(3e-4, "Adam learning rate of the actor's CNN.", min=0.0)
+    critic_encoder_lr: float = _opt(3e-4, "Adam learning rate of the critic's CNN.", min=0.0)
+    actor_grad_clip: float = _opt(1.0, "Max gradient norm of the actor (CNN + head).", min=0.0)
+    critic_grad_clip: float = _opt(10.0, "Max gradient norm of the critic (CNN + heads).", min=0.0)
+    publish_every: int = _opt(50, "Publish actor weights (new version) every this many updates.", min=1)
+    updates_per_call: int = _opt(8, "Updates per train() call between progress reports.", min=1)
+    num_threads: int = _opt(0, "Torch intra-op threads on CPU; 0 uses every core.", min=0)
+
+
+@dataclass(frozen=True)
+class ConvoyConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for section in dataclasses.fields(self):
+            values = dataclasses.asdict(getattr(self, section.name))
+            out[section.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, *overrides: str) -> ConvoyConfig:
+        """A copy with dotted overrides applied and validated."""
+        return from_dict(self.to_dict(), overrides)
+
+
+_SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(ConvoyConfig)}  # type: ignore[misc]
+_SECTION_TYPES = typing.get_type_hints(ConvoyConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; returns the value in its canonical type."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    elif origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if isinstance(value, list | tuple):
+            return tuple(_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
+    raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+
+
+def _check_constraints(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"{key}={value!r}: not an allowed value; allowed: {allowed}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{key}={value!r}: must be >= {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{key}={value!r}: must be <= {meta['max']}")
+
+
+def _build_section(name: str, values: dict[str, Any]) -> Any:
+    cls = _SECTION_TYPES[name]
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {name}.{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"unknown key {name}.{key}{hint}; keys of {name}: {', '.join(sorted(known))}"
+            )
+        value = _coerce(f"{name}.{key}", raw, hints[key])
+        _check_constraints(f"{name}.{key}", value, known[key].metadata)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``'learner.batch_size=128'`` -> ``('learner', 'batch_size', 128)`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. learner.batch_size=128")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. learner.batch_size=128")
+    section, key = parts
+    if section not in _SECTIONS:
+        raise ConfigError(f"unknown section {section!r} in {text!r}; sections: {', '.join(_SECTIONS)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    # A path like 'runs/x' or a URL stays a string; only scalars YAML understands get typed.
+    return section, key, value
+
+
+def from_dict(data: typing.Mapping[str, Any] | None, overrides: typing.Iterable[str] = ()) -> ConvoyConfig:
+    """Build and validate a config from a nested mapping plus dotted overrides."""
+    data = dict(data or {})
+    merged: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for section, values in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown section {section!r}; sections: {', '.join(_SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {section!r} must be a mapping of keys to values, got {values!r}")
+        merged[section].update(values)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        merged[section][key] = value
+    sections = {name: _build_section(name, merged[name]) for name in _SECTIONS}
+    cfg = ConvoyConfig(**sections)
+    _check_cross_field(cfg)
+    return cfg
+
+
+def _check_cross_field(cfg: ConvoyConfig) -> None:
+    if cfg.collector.noise_std_max < cfg.collector.noise_std:
+        raise ConfigError(
+            f"collector.noise_std_max={cfg.collector.noise_std_max!r}: must be >= collector.noise_std "
+            f"({cfg.collector.noise_std!r})"
+        )
+    shards = len(cfg.replay.shard_urls) or cfg.replay.num_shards
+    if cfg.replay.capacity < shards * cfg.collector.segment_length:
+        raise ConfigError(
+            f"replay.capacity={cfg.replay.capacity!r}: must hold at least one segment per shard "
+            f"(>= {shards * cfg.collector.segment_length} with {shards} shard(s) of "
+            f"collector.segment_length={cfg.collector.segment_length})"
+        )
+    dev = cfg.learner.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"learner.device={dev!r}: allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
+    for url in cfg.replay.shard_urls:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"replay.shard_urls: {url!r} is not a redis://, rediss:// or unix:// URL")
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> ConvoyConfig:
+    """Load a YAML run config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+        data = loaded or {}
+    return from_dict(data, overrides)
+
+
+def describe_keys() -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, doc) for every key; used by ``convoy config --keys`` and the README."""
+    rows = []
+    for name, cls in _SECTION_TYPES.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            doc = f.metadata.get("doc", "")
+            if "choices" in f.metadata:
+                doc += f" One of: {', '.join(map(str, f.metadata['choices']))}."
+            rows.append((f"{name}.{f.name}", _type_name(hints[f.name]), f.default, doc))
+    return rows

@@ -1,0 +1,27 @@
+-- Insert one segment and evict the oldest ones past capacity, in one atomic step, so a
+-- reader never sees a half-inserted or half-evicted shard.
+-- KEYS: next_seq, head_seq, size, bytes, lens (hash seq -> T), inserted_total, evicted_total
+-- ARGV: blob, T, capacity, segment key prefix
+local blob, t, cap, prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local seq = redis.call('INCR', KEYS[1])
+redis.call('SET', prefix .. seq, blob)
+redis.call('HSET', KEYS[5], seq, t)
+local size = redis.call('INCRBY', KEYS[3], t)
+redis.call('INCRBY', KEYS[4], #blob)
+redis.call('INCRBY', KEYS[6], t)
+local head = tonumber(redis.call('GET', KEYS[2]) or seq)
+local evicted = 0
+-- FIFO: drop whole segments from the head; never the one just written.
+while size > cap and head < seq do
+  local key = prefix .. head
+  local n = tonumber(redis.call('HGET', KEYS[5], head) or 0)
+  redis.call('DECRBY', KEYS[4], redis.call('STRLEN', key))
+  redis.call('DEL', key)
+  redis.call('HDEL', KEYS[5], head)
+  size = redis.call('DECRBY', KEYS[3], n)
+  evicted = evicted + n
+  head = head + 1
+end
+redis.call('SET', KEYS[2], head)
+if evicted > 0 then redis.call('INCRBY', KEYS[7], evicted) end
+return {seq, size, evicted}
