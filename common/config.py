@@ -43,13 +43,27 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class EnvConfig:
-    backend: str = _opt("embedded", "Simulator behind the collectors.", choices=("embedded",))
+    backend: str = _opt("embedded", "Simulator behind the collectors.", choices=("embedded", "carla"))
     max_episode_steps: int = _opt(400, "Time limit per episode (ends with truncated=True).", min=1)
     route_length_m: float = _opt(300.0, "Route length; driving it ends the episode as route_completed.", min=1.0)
     target_speed: float = _opt(10.0, "Speed (m/s) the speed term of the reward is centred on.", min=0.1)
     other_vehicles: int = _opt(1, "Other vehicles on the embedded track.", min=0, max=10)
     off_road_m: float = _opt(4.0, "Lateral distance from the lane centre that counts as leaving the road.", min=0.5)
     collision_penalty: float = _opt(5.0, "Reward subtracted on collision or leaving the road.", min=0.0)
+
+
+@dataclass(frozen=True)
+class CarlaConfig:
+    """CARLA server and world settings (used when env.backend is 'carla')."""
+
+    host: str = _opt("", "Attach to a running CARLA server at this host instead of launching one.")
+    port: int = _opt(2000, "RPC port of an attached server (launched servers lease free ports).", min=1, max=65535)
+    root: str = _opt("", "CARLA install dir with CarlaUE4.sh / CarlaUnreal.sh; empty reads $CARLA_ROOT.")
+    town: str = _opt("Town01", "Map to load.")
+    fixed_delta_seconds: float = _opt(0.05, "Synchronous-mode tick length (s).", min=0.001, max=1.0)
+    scenario: int = _opt(0, "NPC traffic preset: 0 none, 1 light, 2 dense.", choices=(0, 1, 2))
+    timeout_s: float = _opt(20.0, "RPC and tick timeout; a tick slower than this counts as a hung server.", min=0.1)
+    recycle_episodes: int = _opt(200, "Restart the server every this many episodes (CARLA leaks memory over resets).", min=0)
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,7 @@ class LearnerConfig:
 class ConvoyConfig:
     run: RunConfig = field(default_factory=RunConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    carla: CarlaConfig = field(default_factory=CarlaConfig)
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)

@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=1_000_003, help="seed of the first evaluation episode")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    b = sub.add_parser("bench", help="benchmarks: `convoy bench replay|learner [--json] ...`")
+    b.add_argument("target", choices=("replay", "learner"))
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see --help after the target)")
+
     c = sub.add_parser("config", help="print the resolved config, or every key with --keys")
     c.add_argument("--config", default=None)
     c.add_argument("--keys", action="store_true", help="list every key with its type, default and meaning")
@@ -60,6 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 for k, v in result.items():
                     print(f"{k}: {v}")
+        elif args.command == "bench":
+            import importlib
+
+            bench = importlib.import_module(f"deploy.bench_{args.target}")
+            return int(bench.main(args.bench_args) or 0)
         elif args.command == "config":
             if args.keys:
                 for key, tp, default, doc in describe_keys():
