@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from actors.collector import Collector, collector_noise_std
+from actors.segments import SegmentBuilder
+from common.config import load_config
+from common.networks import Actor
+from common.weights import WeightsError, message_to_bytes, pack_weights
+from tests.fakes import FakeDrivingEnv, ListSink
+
+
+def _stream(env: FakeDrivingEnv, steps: int) -> list[tuple]:
+    """(obs, action, reward, next_obs, terminated, truncated) for a stream with resets."""
+    out = []
+    obs, _ = env.reset()
+    for _ in range(steps):
+        a = np.random.default_rng(len(out)).uniform(-1, 1, 2).astype(np.float32)
+        nxt, r, term, trunc, _ = env.step(a)
+        out.append((obs, a, r, nxt, term, trunc))
+        obs = env.reset()[0] if term or trunc else nxt
+    return out
+
+
+@pytest.mark.parametrize(("segment_length", "episode_len"), [(3, 7), (64, 7), (1, 2), (5, 5)])
+def test_segments_rebuild_every_transition_exactly(segment_length: int, episode_len: int) -> None:
+    env = FakeDrivingEnv(episode_len=episode_len)
+    stream = _stream(env, 30)
+    builder = SegmentBuilder(collector_id=3, segment_length=segment_length)
+    segments = []
+    episode = 0
+    builder.start_episode(episode, stream[0][0])
+    for i, (obs, a, r, nxt, term, trunc) in enumerate(stream):
+        seg = builder.add(a, r, nxt, term, trunc, policy_version=i)
+        if seg is not None:
+            segments.append(seg)
+        if (term or trunc) and i + 1 < len(stream):
+            episode += 1
+            builder.start_episode(episode, stream[i + 1][0])
+    rebuilt = [seg.transition(t) for seg in segments for t in range(seg.num_transitions)]
+    # Every completed transition is rebuilt bit-identically (the unfinished tail stays pending).
+    assert len(rebuilt) + builder.pending_steps == len(stream)
+    for tr, (obs, a, r, nxt, term, _) in zip(rebuilt, stream, strict=False):
+        np.testing.assert_array_equal(tr["image"], obs["image"])
+        np.testing.assert_array_equal(tr["next_image"], nxt["image"])
+        np.testing.assert_array_equal(tr["vector"], obs["vector"])
+        np.testing.assert_array_equal(tr["next_vector"], nxt["vector"])
+        np.testing.assert_array_equal(tr["action"], a)
+        assert tr["reward"] == np.float32(r) and bool(tr["terminated"]) == term
+    for seg in segments:
+        seg.validate()
+        assert seg.frames.shape[0] == seg.num_transitions + 4  # each frame stored once
+        assert seg.num_transitions <= segment_length
+
+
+def _cfg(**over: object):
+    return load_config(None, [f"{k}={v}" for k, v in over.items()])
+
+
+def test_collector_acts_randomly_until_start_steps_and_weights() -> None:
+    cfg = _cfg(**{"collector.start_steps": 20, "collector.segment_length": 4, "learner.hidden_dim": 8})
+    sink = ListSink()
+    col = Collector(cfg, 0, sink, lambda: FakeDrivingEnv(episode_len=9))
+    col.collect(25)
+    versions = np.concatenate([s.policy_versions for s in sink.segments])
+    assert (versions == 0).all(), "no weights yet: every action is random (version 0)"
+    assert col.acting_randomly
+
+    torch.manual_seed(0)
+    actor = Actor("nature", 8)
+    assert col.set_weights(message_to_bytes(pack_weights(3, actor))) == 3
+    # Older versions are ignored.
+    assert col.set_weights(message_to_bytes(pack_weights(2, actor))) == 3
+    sink.segments.clear()
+    pending = col.builder.pending_steps  # steps taken before the weights arrived
+    col.collect(20)
+    versions = np.concatenate([s.policy_versions for s in sink.segments])
+    assert (versions[:pending] == 0).all()
+    assert len(versions) > pending and (versions[pending:] == 3).all(), "every later transition carries the version"
+    assert col.metrics()["collector/last_acting_version"] == 3
+    # Policy actions: deterministic part from the network, plus noise, clipped to [-1, 1].
+    acts = np.concatenate([s.actions for s in sink.segments])
+    assert np.abs(acts).max() <= 1.0
+
+
+def test_collector_rejects_weights_for_another_network() -> None:
+    cfg = _cfg(**{"learner.hidden_dim": 8})
+    col = Collector(cfg, 0, ListSink(), lambda: FakeDrivingEnv())
+    with pytest.raises(WeightsError, match="do not fit"):
+        col.set_weights(message_to_bytes(pack_weights(1, Actor("nature", 16))))
+    assert col.weights_version == 0
+
+
+def test_nan_observation_drops_unfinished_segment_and_continues() -> None:
+    cfg = _cfg(**{"collector.segment_length": 64, "collector.start_steps": 0})
+    sink = ListSink()
+    col = Collector(cfg, 1, sink, lambda: FakeDrivingEnv(episode_len=10, nan_at=5))
+    m = col.collect(30)
+    assert m["collector/bad_observations_total"] == 1
+    assert m["collector/dropped_steps_total"] == 4  # steps 1..4 of the poisoned episode
+    for seg in sink.segments:
+        assert np.isfinite(seg.vectors).all()
+    assert m["collector/env_steps_total"] == 30
+
+
+def test_episode_ids_are_unique_across_collectors() -> None:
+    cfg = _cfg(**{"collector.segment_length": 3})
+    sinks = [ListSink(), ListSink()]
+    for i, sink in enumerate(sinks):
+        Collector(cfg, i, sink, lambda: FakeDrivingEnv(episode_len=4)).collect(12)
+    ids = [{s.episode_id for s in sink.segments} for sink in sinks]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+
+
+def test_noise_is_spread_across_collectors() -> None:
+    cfg = _cfg(**{"collector.num_collectors": 3, "collector.noise_std": 0.1, "collector.noise_std_max": 0.3})
+    assert [round(collector_noise_std(cfg, i), 6) for i in range(3)] == [0.1, 0.2, 0.3]

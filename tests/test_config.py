@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.config import ConfigError, ConvoyConfig, describe_keys, from_dict, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED_KEYS = (
+    "run.total_env_steps",
+    "run.out_dir",
+    "collector.num_collectors",
+    "collector.start_steps",
+    "replay.num_shards",
+    "replay.capacity",
+    "learner.batch_size",
+    "learner.device",
+)
+
+
+def test_required_keys_exist() -> None:
+    keys = {row[0] for row in describe_keys()}
+    assert set(REQUIRED_KEYS) <= keys
+
+
+def test_local_yaml_loads_and_overrides_apply() -> None:
+    cfg = load_config(REPO / "deploy/configs/local.yaml", ["learner.batch_size=128", "run.out_dir=/tmp/x"])
+    assert cfg.learner.batch_size == 128
+    assert cfg.run.out_dir == "/tmp/x"
+    assert cfg.env.backend == "embedded"
+
+
+def test_config_is_frozen() -> None:
+    cfg = ConvoyConfig()
+    with pytest.raises(AttributeError):
+        cfg.learner.batch_size = 3  # type: ignore[misc]
+
+
+def test_round_trip_through_yaml() -> None:
+    cfg = load_config(None, ["replay.shard_urls=[redis://a:1/0, redis://b:2/0]", "learner.tau=0.01"])
+    again = from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+    assert again.replay.shard_urls == ("redis://a:1/0", "redis://b:2/0")
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("learner.bach_size=3", "did you mean learner.batch_size"),
+        ("learner.batch_size=0", "learner.batch_size=0: must be >= 1"),
+        ("learner.batch_size=abc", "learner.batch_size='abc': expected int"),
+        ("learner.batch_size=1.5", "expected int"),
+        ("replay.codec=gzip", "allowed: 'lz4', 'zstd', 'none'"),
+        ("learner.device=tpu", "learner.device='tpu'"),
+        ("nosuch.key=1", "unknown section 'nosuch'"),
+        ("learner.batch_size", "expected section.key=value"),
+        ("learner.gamma=1.5", "learner.gamma=1.5: must be <= 1.0"),
+        ("run.metrics=maybe", "expected bool"),
+        ("replay.shard_urls=[http://x]", "not a redis://"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert fragment in str(info.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("learner:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown key learner\.lr"):
+        load_config(path)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match="collector.noise_std_max"):
+        load_config(None, ["collector.noise_std=0.5", "collector.noise_std_max=0.1"])
+    with pytest.raises(ConfigError, match="replay.capacity"):
+        load_config(None, ["replay.capacity=10", "collector.segment_length=64"])
+
+
+def test_parse_override_types_values() -> None:
+    assert parse_override("learner.tau=0.01") == ("learner", "tau", 0.01)
+    assert parse_override("run.out_dir=runs/a") == ("run", "out_dir", "runs/a")

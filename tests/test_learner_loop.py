@@ -1,0 +1,117 @@
+"""The learner loop on an in-memory batch source: gating, publishing, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import load_config
+from common.networks import Actor
+from common.schema import Batch
+from common.weights import load_into, message_from_bytes
+from learner.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint
+from learner.loop import Learner
+
+
+class SyntheticSource:
+    """Random batches of a fixed size; ``size`` is settable to test gating."""
+
+    def __init__(self, batch_size: int, size: int = 10_000) -> None:
+        self.batch_size = batch_size
+        self._size = size
+        self.g = torch.Generator().manual_seed(0)
+        self.drawn = 0
+        self.closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def __next__(self) -> Batch:
+        n, g = self.batch_size, self.g
+        self.drawn += 1
+        return Batch(
+            image=torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g),
+            vector=torch.randn(n, 23, generator=g),
+            action=torch.rand(n, 2, generator=g) * 2 - 1,
+            reward=torch.randn(n, generator=g),
+            next_image=torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g),
+            next_vector=torch.randn(n, 23, generator=g),
+            terminated=(torch.rand(n, generator=g) < 0.1).float(),
+            policy_version=torch.zeros(n, dtype=torch.int64),
+        )
+
+    def metrics(self) -> dict[str, float]:
+        return {"synthetic/drawn_total": self.drawn}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _learner(tmp_path: Path, *over: str, size: int = 10_000) -> Learner:
+    cfg = load_config(
+        None,
+        [
+            "learner.batch_size=4",
+            "learner.hidden_dim=8",
+            "learner.publish_every=3",
+            "run.checkpoint_every_updates=4",
+            "run.keep_checkpoints=2",
+            "collector.start_steps=100",
+            "learner.num_threads=1",
+            *over,
+        ],
+    )
+    return Learner(cfg, SyntheticSource(cfg.learner.batch_size, size), tmp_path)
+
+
+def test_no_updates_before_start_steps(tmp_path: Path) -> None:
+    learner = _learner(tmp_path, size=99)
+    m = learner.train(5)
+    assert m["learner/updates_total"] == 0 and m["learner/ready"] == 0.0
+    learner.source._size = 100  # type: ignore[attr-defined]
+    m = learner.train(5)
+    assert m["learner/updates_total"] == 5
+
+
+def test_publishes_versions_and_weights_load_into_an_actor(tmp_path: Path) -> None:
+    learner = _learner(tmp_path)
+    metrics = learner.train(7)
+    # Published after update 1 (first), 3 and 6.
+    assert learner.weights_version == 3
+    assert metrics["learner/weights_version"] == 3
+    for key in ("learner/critic_loss", "learner/actor_loss", "learner/critic_grad_norm", "learner/critic_grad_norm_clipped"):
+        assert key in metrics
+    msg = message_from_bytes(learner.weights(newer_than=0) or b"")
+    assert msg.version == 3
+    assert learner.weights(newer_than=3) is None
+    actor = Actor("nature", 8)
+    load_into(actor, msg.payload)
+    # The published weights are the learner's actor at publication time (update 6).
+    learner2 = _learner(tmp_path / "b")
+    assert not all(torch.equal(a, b) for a, b in zip(actor.state_dict().values(), learner2.agent.actor.state_dict().values(), strict=True))
+
+
+def test_checkpoints_are_written_pruned_and_load_weights_only(tmp_path: Path) -> None:
+    learner = _learner(tmp_path)
+    learner.train(9)  # checkpoints at updates 4 and 8
+    found = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in found] == ["ckpt-0000000004", "ckpt-0000000008"]
+    path = learner.checkpoint()  # a third one: the oldest is pruned (keep 2)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-0000000008", "ckpt-0000000009"]
+    assert resolve_checkpoint(tmp_path) == path
+    data = load_checkpoint(tmp_path)
+    assert data.state["updates"] == 9 and data.state["weights_version"] == learner.weights_version
+    for name, state in learner.agent.state_dicts().items():
+        for k, v in state.items():
+            assert torch.equal(data.networks[name][k], v.cpu()), f"{name}.{k}"
+    assert "actor" in data.optimizers and "critic" in data.optimizers
+    assert "learner:" in data.config_yaml
+    assert not list(tmp_path.glob("checkpoints/.tmp-*")), "no temporary directories left behind"
+
+
+def test_resolve_checkpoint_errors_name_the_path(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        resolve_checkpoint(tmp_path)

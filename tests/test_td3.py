@@ -1,0 +1,197 @@
+"""TD3 math on tiny tensors with hand-computed values, and the agent's wiring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.config import LearnerConfig
+from common.schema import Batch
+from learner import td3
+from learner.agent import TD3Agent
+
+
+def test_td_target_by_hand() -> None:
+    reward = torch.tensor([1.0, 2.0, -1.0])
+    terminated = torch.tensor([0.0, 1.0, 0.0])
+    q1 = torch.tensor([3.0, 5.0, 2.0])
+    q2 = torch.tensor([4.0, 1.0, -2.0])
+    y = td3.td_target(reward, terminated, q1, q2, gamma=0.9)
+    # min(3,4)=3 -> 1+0.9*3; terminated -> 2; min(2,-2)=-2 -> -1+0.9*-2
+    torch.testing.assert_close(y, torch.tensor([3.7, 2.0, -2.8]))
+
+
+def test_td_target_rejects_shape_mismatch() -> None:
+    with pytest.raises(ValueError, match="next_q1 shape"):
+        td3.td_target(torch.zeros(3), torch.zeros(3), torch.zeros(3, 1), torch.zeros(3), 0.9)
+
+
+def test_smoothing_noise_shape_clip_and_independence() -> None:
+    gen = torch.Generator().manual_seed(0)
+    noise = td3.smoothing_noise((4096, 2), std=0.2, clip=0.5, generator=gen)
+    assert noise.shape == (4096, 2)
+    assert noise.abs().max() <= 0.5
+    assert (noise.abs() == 0.5).any(), "with 8192 draws at std 0.2 some must hit the clip"
+    # Per sample and per action dimension: columns and rows differ, correlation ~ 0.
+    assert not torch.equal(noise[:, 0], noise[:, 1])
+    assert not torch.equal(noise[0], noise[1])
+    corr = torch.corrcoef(noise.T)[0, 1]
+    assert abs(float(corr)) < 0.05
+    assert 0.17 < float(noise.std()) < 0.21
+
+
+def test_smoothed_target_action_clamps_and_checks_shape() -> None:
+    a = torch.tensor([[0.9, -0.9], [0.0, 0.0]])
+    n = torch.tensor([[0.5, -0.5], [0.1, -0.2]])
+    torch.testing.assert_close(td3.smoothed_target_action(a, n), torch.tensor([[1.0, -1.0], [0.1, -0.2]]))
+    with pytest.raises(ValueError, match="noise shape"):
+        td3.smoothed_target_action(a, torch.zeros(2))
+
+
+def test_critic_loss_by_hand() -> None:
+    q1 = torch.tensor([1.0, 2.0])
+    q2 = torch.tensor([0.0, 4.0])
+    y = torch.tensor([1.0, 1.0])
+    loss, metrics = td3.critic_loss(q1, q2, y)
+    # mse(q1)=(0+1)/2=0.5 ; mse(q2)=(1+9)/2=5
+    assert float(loss) == pytest.approx(5.5)
+    assert float(metrics["critic/td_error"]) == pytest.approx(0.5)
+    assert float(metrics["critic/q_max"]) == pytest.approx(2.0)
+
+
+def test_actor_loss_is_negative_mean_q() -> None:
+    loss, metrics = td3.actor_loss(torch.tensor([1.0, 3.0]))
+    assert float(loss) == -2.0 and float(metrics["actor/loss"]) == -2.0
+
+
+def test_clip_grad_norm_really_bounds_the_norm() -> None:
+    a = torch.zeros(3, requires_grad=True)
+    b = torch.zeros(4, requires_grad=True)
+    a.grad = torch.tensor([12.0, 0.0, 0.0])
+    b.grad = torch.tensor([0.0, 16.0, 0.0, 0.0])  # total norm 20
+    before, after = td3.clip_grad_norm([a, b], max_norm=1.0)
+    assert float(before) == pytest.approx(20.0)
+    assert float(after) == pytest.approx(1.0, abs=1e-5)
+    assert float(torch.cat([a.grad, b.grad]).norm()) <= 1.0 + 1e-5
+    # Direction is preserved.
+    torch.testing.assert_close(a.grad, torch.tensor([0.6, 0.0, 0.0]), atol=1e-5, rtol=0)
+
+
+def test_clip_grad_norm_leaves_small_gradients_alone() -> None:
+    a = torch.zeros(2, requires_grad=True)
+    a.grad = torch.tensor([0.3, 0.4])
+    before, after = td3.clip_grad_norm([a], max_norm=10.0)
+    assert float(before) == pytest.approx(0.5) and float(after) == pytest.approx(0.5)
+
+
+def test_polyak_moves_every_target_by_exactly_tau() -> None:
+    online = [torch.tensor([1.0, 2.0]), torch.tensor([[4.0]])]
+    target = [torch.tensor([0.0, 0.0]), torch.tensor([[2.0]])]
+    td3.polyak_update(online, target, tau=0.25)
+    torch.testing.assert_close(target[0], torch.tensor([0.25, 0.5]))
+    torch.testing.assert_close(target[1], torch.tensor([[2.5]]))
+
+
+def _batch(n: int = 4, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(
+        image=torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g),
+        vector=torch.randn(n, 23, generator=g),
+        action=torch.rand(n, 2, generator=g) * 2 - 1,
+        reward=torch.randn(n, generator=g),
+        next_image=torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g),
+        next_vector=torch.randn(n, 23, generator=g),
+        terminated=torch.tensor([0.0, 1.0, 0.0, 0.0])[:n],
+        policy_version=torch.zeros(n, dtype=torch.int64),
+    )
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module, prefix: str = "") -> set[str]:
+    return {k for k, v in module.state_dict().items() if k.startswith(prefix) and not torch.equal(v, before[k])}
+
+
+@pytest.fixture
+def agent() -> TD3Agent:
+    torch.manual_seed(0)
+    return TD3Agent(LearnerConfig(hidden_dim=16, actor_lr=1e-2, critic_lr=1e-2, actor_encoder_lr=1e-2, critic_encoder_lr=1e-2))
+
+
+def test_each_cnn_parameter_is_in_exactly_one_optimizer(agent: TD3Agent) -> None:
+    def ids(opt: torch.optim.Optimizer) -> list[int]:
+        return [id(p) for g in opt.param_groups for p in g["params"]]
+
+    actor_ids, critic_ids = ids(agent.actor_opt), ids(agent.critic_opt)
+    assert len(actor_ids) == len(set(actor_ids)) and len(critic_ids) == len(set(critic_ids))
+    assert set(actor_ids) == {id(p) for p in agent.actor.parameters()}
+    assert set(critic_ids) == {id(p) for p in agent.critic.parameters()}
+    assert not set(actor_ids) & set(critic_ids)
+    assert {id(p) for p in agent.actor.encoder.parameters()} <= set(actor_ids)
+    assert {id(p) for p in agent.critic.encoder.parameters()} <= set(critic_ids)
+    assert agent.actor.encoder is not agent.critic.encoder
+
+
+def test_first_update_steps_only_the_critic_and_its_cnn(agent: TD3Agent) -> None:
+    actor0, critic0 = _snapshot(agent.actor), _snapshot(agent.critic)
+    actor_t0, critic_t0 = _snapshot(agent.actor_target), _snapshot(agent.critic_target)
+    metrics = agent.update(_batch())
+    assert "actor/loss" not in metrics  # delayed: the actor steps on the 2nd update
+    assert not _changed(actor0, agent.actor)
+    assert _changed(critic0, agent.critic, "encoder."), "critic CNN must receive gradients"
+    assert not _changed(actor_t0, agent.actor_target) and not _changed(critic_t0, agent.critic_target)
+    # The critic loss must not leave gradients on the actor.
+    assert all(p.grad is None for p in agent.actor.parameters())
+
+
+def test_second_update_steps_actor_cnn_and_moves_every_target_by_tau(agent: TD3Agent) -> None:
+    agent.update(_batch(seed=1))
+    actor_t0, critic_t0 = _snapshot(agent.actor_target), _snapshot(agent.critic_target)
+    actor0 = _snapshot(agent.actor)
+    metrics = agent.update(_batch(seed=2))
+    assert "actor/loss" in metrics
+    assert _changed(actor0, agent.actor, "encoder."), "actor CNN must receive gradients from the actor loss"
+    tau = agent.cfg.tau
+    for online, target, before in ((agent.actor, agent.actor_target, actor_t0), (agent.critic, agent.critic_target, critic_t0)):
+        for name, value in target.state_dict().items():
+            expected = before[name] + tau * (online.state_dict()[name] - before[name])
+            torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=name)
+    # Both CNNs' targets moved.
+    assert _changed(actor_t0, agent.actor_target, "encoder.") and _changed(critic_t0, agent.critic_target, "encoder.")
+
+
+def test_actor_loss_never_steps_the_critic(agent: TD3Agent) -> None:
+    agent.update(_batch(seed=3))
+    critic_after_first = _snapshot(agent.critic)
+    critic_opt_lr = [g["lr"] for g in agent.critic_opt.param_groups]
+    # Freeze the critic optimizer: any critic change in the 2nd update could only come from
+    # the actor's optimizer stepping critic parameters.
+    for g in agent.critic_opt.param_groups:
+        g["lr"] = 0.0
+    agent.update(_batch(seed=4))
+    assert not _changed(critic_after_first, agent.critic)
+    for g, lr in zip(agent.critic_opt.param_groups, critic_opt_lr, strict=True):
+        g["lr"] = lr
+
+
+def test_gradient_clipping_is_reported_and_bounds(agent: TD3Agent) -> None:
+    b = _batch()
+    b.reward = b.reward * 1e4  # huge TD errors -> huge critic gradients
+    metrics = agent.update(b)
+    assert float(metrics["critic/grad_norm"]) > agent.cfg.critic_grad_clip
+    assert float(metrics["critic/grad_norm_clipped"]) <= agent.cfg.critic_grad_clip * (1 + 1e-4)
+
+
+def test_nonfinite_loss_skips_the_update(agent: TD3Agent) -> None:
+    b = _batch()
+    b.reward[0] = math.nan
+    critic0 = _snapshot(agent.critic)
+    metrics = agent.update(b)
+    assert agent.nonfinite_total == 1
+    assert float(metrics["critic/nonfinite"]) == 1.0
+    assert not _changed(critic0, agent.critic)
+    assert agent.updates == 0
