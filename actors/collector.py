@@ -6,6 +6,7 @@ Plain Python; ``actors.remote.CollectorActor`` is the thin Ray wrapper around it
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -15,13 +16,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from actors.segments import SegmentBuilder
 from common.config import ConvoyConfig
 from common.networks import Actor
 from common.protocols import SegmentSink
 from common.schema import Observation, SchemaError, check_observation
 from common.weights import WeightsError, load_into, message_from_bytes
-
-from actors.segments import SegmentBuilder
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Collector:
                 self.last_acting_version = version
             try:
                 check_observation(next_obs)
-                if not np.isfinite(reward):
+                if not math.isfinite(float(reward)):
                     raise SchemaError(f"reward: non-finite value {reward!r}")
             except SchemaError as exc:
                 # Caught where it appears: the unfinished segment is dropped, never stored.

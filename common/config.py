@@ -54,24 +54,89 @@ class EnvConfig:
 
 @dataclass(frozen=True)
 class CarlaConfig:
-    """CARLA server and world settings (used when env.backend is 'carla')."""
+    """CARLA server and world settings (used when env.backend is 'carla').
+
+    A collector either launches and owns its own server (``host`` empty: ports leased from
+    ``port_base`` on its node, see actors/carla/ports.py) or attaches to a running one
+    (``host`` set). Reward weights here scale the same terms the embedded env uses
+    (actors/envs/driving.py); env.collision_penalty is the collision / off-road penalty.
+    """
 
     host: str = _opt("", "Attach to a running CARLA server at this host instead of launching one.")
-    port: int = _opt(2000, "RPC port of an attached server (launched servers lease free ports).", min=1, max=65535)
+    port: int = _opt(
+        2000,
+        "RPC port of an attached server; collector i attaches to port + 4 * i (a synchronous server takes "
+        "ticks from one client only). Launched servers lease free ports from port_base instead.",
+        min=1,
+        max=65535,
+    )
     root: str = _opt("", "CARLA install dir with CarlaUE4.sh / CarlaUnreal.sh; empty reads $CARLA_ROOT.")
     town: str = _opt("Town01", "Map to load.")
     fixed_delta_seconds: float = _opt(0.05, "Synchronous-mode tick length (s).", min=0.001, max=1.0)
     scenario: int = _opt(0, "NPC traffic preset: 0 none, 1 light, 2 dense.", choices=(0, 1, 2))
     timeout_s: float = _opt(20.0, "RPC and tick timeout; a tick slower than this counts as a hung server.", min=0.1)
-    recycle_episodes: int = _opt(200, "Restart the server every this many episodes (CARLA leaks memory over resets).", min=0)
+    recycle_episodes: int = _opt(
+        200, "Restart the server every this many episodes (CARLA leaks memory over resets); 0 never.", min=0
+    )
+    npc_vehicles_light: int = _opt(20, "NPC vehicles (traffic-manager autopilot) in scenario 1.", min=0, max=500)
+    npc_vehicles_dense: int = _opt(80, "NPC vehicles (traffic-manager autopilot) in scenario 2.", min=0, max=500)
+    ego_blueprint: str = _opt("vehicle.tesla.model3", "Blueprint id of the ego vehicle.")
+    camera_fov: float = _opt(90.0, "Horizontal field of view of the front camera (deg).", min=10.0, max=170.0)
+    reward_progress: float = _opt(
+        1.0, "Weight of progress along the route (per step, capped at target_speed * dt).", min=0.0
+    )
+    reward_centering: float = _opt(
+        0.2, "Weight of the lane-centring penalty (lateral offset in half-lane units, squared).", min=0.0
+    )
+    reward_speed: float = _opt(
+        0.0, "Weight of the speed term (1 at env.target_speed, 0 at standstill or twice the target).", min=0.0
+    )
+    reward_comfort: float = _opt(
+        0.0, "Weight of the comfort penalty (mean absolute change of steering and throttle).", min=0.0
+    )
+    port_base: int = _opt(
+        2000,
+        "First RPC port a launched server may lease; blocks of 4 ports (RPC, streaming, secondary, traffic manager).",
+        min=1024,
+        max=65000,
+    )
+    max_servers: int = _opt(64, "Port blocks per node (servers one node may run at once).", min=1, max=4096)
+    lock_dir: str = _opt(
+        "", "Directory of the port-lease lock files shared by all collectors of a node; empty: <tmp>/convoy-carla."
+    )
+    gpus: tuple[int, ...] = _opt(
+        (), "GPU indices servers may render on (server in port block k uses gpus[k % len]); empty: all detected."
+    )
+    quality_level: str = _opt("Low", "Server graphics quality (-quality-level).", choices=("Low", "Epic"))
+    render_offscreen: bool = _opt(True, "Launch with -RenderOffScreen (no window; cameras still render).")
+    extra_args: tuple[str, ...] = _opt((), "Extra command-line arguments for launched servers.")
+    start_timeout_s: float = _opt(
+        180.0, "How long a launched server may take to answer before the launch counts as failed.", min=1.0
+    )
+    restart_backoff_s: float = _opt(
+        2.0, "Wait before the first restart after a crash; doubles per consecutive crash.", min=0.0
+    )
+    restart_backoff_max_s: float = _opt(60.0, "Cap of the restart wait.", min=0.0)
+    max_restarts: int = _opt(
+        5, "Consecutive crashes (without a finished episode between) before the collector gives up.", min=0
+    )
+    stand_in: bool = _opt(
+        False,
+        "Drive convoy's in-process CARLA stand-in (a ring road with kinematic cars, actors/carla/fake.py) instead of "
+        "a server: tests and dry runs of a CARLA config on machines without CARLA. Never for training.",
+    )
 
 
 @dataclass(frozen=True)
 class CollectorConfig:
     num_collectors: int = _opt(2, "Collector actors, each owning one simulator.", min=1, max=512)
-    start_steps: int = _opt(5_000, "Uniform random actions (and no learner updates) until the run has this many transitions.", min=0)
+    start_steps: int = _opt(
+        5_000, "Uniform random actions (and no learner updates) until the run has this many transitions.", min=0
+    )
     noise_std: float = _opt(0.1, "Gaussian exploration noise of collector 0.", min=0.0)
-    noise_std_max: float = _opt(0.3, "Noise of the last collector; others are spread linearly between (Ape-X style).", min=0.0)
+    noise_std_max: float = _opt(
+        0.3, "Noise of the last collector; others are spread linearly between (Ape-X style).", min=0.0
+    )
     segment_length: int = _opt(64, "Steps per replay segment; longer amortises the 4 boundary frames.", min=1, max=4096)
     steps_per_call: int = _opt(64, "Env steps per collect() call between weight refreshes.", min=1)
     num_cpus: float = _opt(1.0, "Ray CPUs reserved per collector.", min=0.0)
@@ -211,9 +276,7 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {name}.{close[0]}?)" if close else ""
-            raise ConfigError(
-                f"unknown key {name}.{key}{hint}; keys of {name}: {', '.join(sorted(known))}"
-            )
+            raise ConfigError(f"unknown key {name}.{key}{hint}; keys of {name}: {', '.join(sorted(known))}")
         value = _coerce(f"{name}.{key}", raw, hints[key])
         _check_constraints(f"{name}.{key}", value, known[key].metadata)
         kwargs[key] = value
@@ -276,6 +339,11 @@ def _check_cross_field(cfg: ConvoyConfig) -> None:
     dev = cfg.learner.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"learner.device={dev!r}: allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
+    if cfg.carla.restart_backoff_max_s < cfg.carla.restart_backoff_s:
+        raise ConfigError(
+            f"carla.restart_backoff_max_s={cfg.carla.restart_backoff_max_s!r}: must be >= carla.restart_backoff_s "
+            f"({cfg.carla.restart_backoff_s!r})"
+        )
     for url in cfg.replay.shard_urls:
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"replay.shard_urls: {url!r} is not a redis://, rediss:// or unix:// URL")

@@ -54,7 +54,7 @@ class MetricsExporter:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, labels: Mapping[str, str] | None = None) -> None:
         self.registry = CollectorRegistry()
         self._collector = _DictCollector(labels or {})
-        self.registry.register(self._collector)  # type: ignore[arg-type]
+        self.registry.register(self._collector)
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         self.host = host
         self.port = int(self._server.server_port)

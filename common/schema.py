@@ -46,7 +46,9 @@ def check_observation(obs: Observation) -> None:
     _check_array("image", obs.get("image"), IMAGE_SHAPE, np.uint8)
     _check_array("vector", obs.get("vector"), (VECTOR_DIM,), np.float32)
     if not np.isfinite(obs["vector"]).all():
-        raise SchemaError(f"vector: non-finite values at indices {np.flatnonzero(~np.isfinite(obs['vector'])).tolist()}")
+        raise SchemaError(
+            f"vector: non-finite values at indices {np.flatnonzero(~np.isfinite(obs['vector'])).tolist()}"
+        )
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,11 @@ def message_from_bytes(data: bytes) -> WeightsMessage:
         obj = msgpack.unpackb(data, raw=False)
     except Exception as exc:
         raise WeightsError(f"weight message is not msgpack: {exc}") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("version"), int) or not isinstance(obj.get("tensors"), bytes):
+    if (
+        not isinstance(obj, dict)
+        or not isinstance(obj.get("version"), int)
+        or not isinstance(obj.get("tensors"), bytes)
+    ):
         raise WeightsError("weight message must be a map with an int 'version' and bytes 'tensors'")
     return WeightsMessage(version=obj["version"], payload=obj["tensors"])
 
@@ -59,5 +63,7 @@ def load_into(module: torch.nn.Module, payload: bytes) -> None:
         raise WeightsError(f"weights do not fit the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, v in state.items():
         if v.shape != own[k].shape:
-            raise WeightsError(f"weights do not fit the network: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+            raise WeightsError(
+                f"weights do not fit the network: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+            )
     module.load_state_dict(state)

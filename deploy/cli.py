@@ -22,7 +22,9 @@ def default_config_path() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convoy", description="Distributed TD3 for driving: collectors, Redis replay, a learner.")
+    p = argparse.ArgumentParser(
+        prog="convoy", description="Distributed TD3 for driving: collectors, Redis replay, a learner."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train on the configured simulator")
@@ -37,18 +39,23 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks: `convoy bench replay|learner [--json] ...`")
     b.add_argument("target", choices=("replay", "learner"))
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see --help after the target)")
+    b.add_argument(
+        "bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see --help after the target)"
+    )
 
     c = sub.add_parser("config", help="print the resolved config, or every key with --keys")
     c.add_argument("--config", default=None)
     c.add_argument("--keys", action="store_true", help="list every key with its type, default and meaning")
+    c.add_argument("--markdown", action="store_true", help="with --keys: as a Markdown table (the README's)")
     c.add_argument("overrides", nargs="*")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("CONVOY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("CONVOY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.command == "train":
             from deploy.driver import train
@@ -70,7 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench = importlib.import_module(f"deploy.bench_{args.target}")
             return int(bench.main(args.bench_args) or 0)
         elif args.command == "config":
-            if args.keys:
+            if args.keys and args.markdown:
+                print("| key | type | default | meaning |\n|---|---|---|---|")
+                for key, tp, default, doc in describe_keys():
+                    shown = list(default) if isinstance(default, tuple) else default
+                    print(f"| `{key}` | {tp} | `{shown!r}` | {doc} |")
+            elif args.keys:
                 for key, tp, default, doc in describe_keys():
                     print(f"{key} ({tp}, default {default!r}): {doc}")
             else:

@@ -70,8 +70,11 @@ class Progress:
 
     def summary(self) -> dict[str, float]:
         eps = sum(m.get("collector/episodes_total", 0) for m in self.collector.values())
-        returns = [m["collector/last_episode_return"] for m in self.collector.values()
-                   if not math.isnan(m.get("collector/last_episode_return", math.nan))]
+        returns = [
+            m["collector/last_episode_return"]
+            for m in self.collector.values()
+            if not math.isnan(m.get("collector/last_episode_return", math.nan))
+        ]
         elapsed = time.monotonic() - self.start
         return {
             "run/env_steps_total": self.env_steps,
@@ -82,10 +85,16 @@ class Progress:
             "run/updates_per_s": self.updates / max(elapsed, 1e-9),
             "run/replay_size": self.learner.get("replay_sampler/size", 0),
             "run/weights_version": self.learner.get("learner/weights_version", 0),
-            "run/max_acting_version": max((m.get("collector/last_acting_version", 0) for m in self.collector.values()), default=0),
+            "run/max_acting_version": max(
+                (m.get("collector/last_acting_version", 0) for m in self.collector.values()), default=0
+            ),
             "run/last_episode_return": returns[-1] if returns else math.nan,
-            "run/replay_bytes_written_total": sum(m.get("replay_writer/bytes_total", 0) for m in self.collector.values()),
-            "run/replay_transitions_written_total": sum(m.get("replay_writer/transitions_total", 0) for m in self.collector.values()),
+            "run/replay_bytes_written_total": sum(
+                m.get("replay_writer/bytes_total", 0) for m in self.collector.values()
+            ),
+            "run/replay_transitions_written_total": sum(
+                m.get("replay_writer/transitions_total", 0) for m in self.collector.values()
+            ),
         }
 
     def line(self) -> str:
@@ -99,7 +108,8 @@ class Progress:
         return (
             f"[{now - self.start:7.1f}s] env_steps {steps:>8d} ({sps:6.1f}/s) | updates {updates:>7d} ({ups:5.1f}/s) | "
             f"replay {int(s['run/replay_size']):>7d} | episodes {int(s['run/episodes_total']):>5d} | "
-            f"last_return {ret:8.2f} | weights v{int(s['run/weights_version'])} acting v{int(s['run/max_acting_version'])}"
+            f"last_return {ret:8.2f} | weights v{int(s['run/weights_version'])} "
+            f"acting v{int(s['run/max_acting_version'])}"
         )
 
 
@@ -152,7 +162,9 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout) -> dict[str, float]:
         ray_started = True
         config_dict = cfg.to_dict()
         collectors = [
-            CollectorActor.options(num_cpus=cfg.collector.num_cpus).remote(config_dict, i, sink_factory(cfg, shards.urls, i))  # type: ignore[attr-defined]
+            CollectorActor.options(num_cpus=cfg.collector.num_cpus).remote(  # type: ignore[attr-defined]
+                config_dict, i, sink_factory(cfg, shards.urls, i)
+            )
             for i in range(cfg.collector.num_collectors)
         ]
         learner = LearnerActor.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(  # type: ignore[attr-defined]
@@ -176,7 +188,8 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout) -> dict[str, float]:
         summary_line = (
             f"done: env_steps {int(summary['run/env_steps_total'])} ({summary['run/env_steps_per_s']:.1f}/s), "
             f"updates {int(summary['run/updates_total'])} ({summary['run/updates_per_s']:.2f}/s), "
-            f"weights v{int(summary['run/weights_version'])}, collectors acted with up to v{int(summary['run/max_acting_version'])}"
+            f"weights v{int(summary['run/weights_version'])}, "
+            f"collectors acted with up to v{int(summary['run/max_acting_version'])}"
         )
         written = summary["run/replay_transitions_written_total"]
         if written:

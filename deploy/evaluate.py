@@ -34,7 +34,9 @@ def evaluate(checkpoint: str | Path, episodes: int, seed: int = 1_000_003, log: 
             ep_return, steps, done = 0.0, 0, False
             while not done:
                 with torch.no_grad():
-                    action = actor(torch.from_numpy(obs["image"])[None], torch.from_numpy(obs["vector"])[None])[0].numpy()
+                    action = actor(torch.from_numpy(obs["image"])[None], torch.from_numpy(obs["vector"])[None])[
+                        0
+                    ].numpy()
                 obs, reward, terminated, truncated, info = env.step(action)
                 ep_return += float(reward)
                 steps += 1

@@ -10,7 +10,6 @@ import torch
 from common.config import LearnerConfig
 from common.networks import Actor, Critic
 from common.schema import Batch
-
 from learner import td3
 
 log = logging.getLogger(__name__)

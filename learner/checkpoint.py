@@ -81,7 +81,9 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit())
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+    )
 
 
 def prune(root: str | Path, keep: int) -> None:
@@ -100,7 +102,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = list_checkpoints(root)
         if found:
             return found[-1]
-    raise CheckpointError(f"no checkpoint at {str(p)!r}: expected a checkpoint directory or a run directory with checkpoints/")
+    raise CheckpointError(
+        f"no checkpoint at {str(p)!r}: expected a checkpoint directory or a run directory with checkpoints/"
+    )
 
 
 def load_checkpoint(path: str | Path, networks: tuple[str, ...] = NETWORKS, full: bool = True) -> CheckpointData:

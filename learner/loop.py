@@ -16,7 +16,6 @@ import torch
 from common.config import ConvoyConfig
 from common.protocols import BatchSource
 from common.weights import message_to_bytes, pack_weights
-
 from learner.agent import TD3Agent, resolve_device
 from learner.checkpoint import CheckpointData, save_checkpoint
 
@@ -95,7 +94,10 @@ class Learner:
         data = CheckpointData(
             networks=self.agent.state_dicts(),
             optimizers={"actor": self.agent.actor_opt.state_dict(), "critic": self.agent.critic_opt.state_dict()},
-            rng={"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if self.device.type == "cuda" else {})},
+            rng={
+                "torch": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state()} if self.device.type == "cuda" else {}),
+            },
             state={
                 "env_steps": self.env_steps,
                 "weights_version": self.weights_version,
@@ -104,7 +106,9 @@ class Learner:
             },
             config_yaml=self.cfg.to_yaml(),
         )
-        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.agent.updates, data, self.cfg.run.keep_checkpoints)
+        self.last_checkpoint = save_checkpoint(
+            self.checkpoint_dir, self.agent.updates, data, self.cfg.run.keep_checkpoints
+        )
         log.info("checkpoint %s", self.last_checkpoint)
         return self.last_checkpoint
 

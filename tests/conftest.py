@@ -11,7 +11,7 @@ import pytest
 # highway-env renders blank frames under SDL's dummy driver; offscreen renders for real.
 os.environ["SDL_VIDEODRIVER"] = "offscreen"
 
-from replay_service.shards import RedisShardProcess  # noqa: E402
+from replay_service.shards import RedisShardProcess
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -29,16 +29,15 @@ class FakeDrivingEnv(gym.Env):
 
     def _obs(self, image: np.ndarray | None = None, poison: bool = False) -> dict[str, np.ndarray]:
         frame = self.rng.integers(0, 256, (84, 84), dtype=np.uint8)
-        if image is None:
-            image = np.stack([frame] * 4)
-        else:
-            image = np.concatenate([image[1:], frame[None]])
+        image = np.stack([frame] * 4) if image is None else np.concatenate([image[1:], frame[None]])
         vector = self.rng.normal(size=23).astype(np.float32)
         if poison:
             vector[5] = np.nan
         return {"image": image, "vector": vector}
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         self.t = 0
         self._last = self._obs()
         return self._last, {}

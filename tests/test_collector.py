@@ -32,7 +32,7 @@ def test_segments_rebuild_every_transition_exactly(segment_length: int, episode_
     segments = []
     episode = 0
     builder.start_episode(episode, stream[0][0])
-    for i, (obs, a, r, nxt, term, trunc) in enumerate(stream):
+    for i, (_obs, a, r, nxt, term, trunc) in enumerate(stream):
         seg = builder.add(a, r, nxt, term, trunc, policy_version=i)
         if seg is not None:
             segments.append(seg)

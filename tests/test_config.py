@@ -80,9 +80,9 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_cross_field_checks() -> None:
-    with pytest.raises(ConfigError, match="collector.noise_std_max"):
+    with pytest.raises(ConfigError, match=r"collector\.noise_std_max"):
         load_config(None, ["collector.noise_std=0.5", "collector.noise_std_max=0.1"])
-    with pytest.raises(ConfigError, match="replay.capacity"):
+    with pytest.raises(ConfigError, match=r"replay\.capacity"):
         load_config(None, ["replay.capacity=10", "collector.segment_length=64"])
 
 

@@ -52,7 +52,9 @@ def test_train_then_evaluate(tmp_path: Path) -> None:
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     text = train.stdout
     assert "resolved config:" in text and "metrics endpoints:" in text
-    done = re.search(r"done: env_steps (\d+) .* updates (\d+) .* weights v(\d+), collectors acted with up to v(\d+)", text)
+    done = re.search(
+        r"done: env_steps (\d+) .* updates (\d+) .* weights v(\d+), collectors acted with up to v(\d+)", text
+    )
     assert done, text[-2000:]
     env_steps, updates, version, acting = map(int, done.groups())
     assert env_steps == 600

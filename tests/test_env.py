@@ -36,7 +36,7 @@ def test_observations_shapes_dtypes_ranges(env: EmbeddedDrivingEnv) -> None:
     assert env.observation_space.contains(obs)
     assert info["termination_reason"] is None
     for _ in range(5):
-        obs, reward, terminated, truncated, info = env.step(np.array([0.0, 0.3], np.float32))
+        obs, reward, _, _, info = env.step(np.array([0.0, 0.3], np.float32))
         check_observation(obs)
         assert isinstance(reward, float) and np.isfinite(reward)
         assert 0.0 <= info["route_completion"] <= 1.0
@@ -111,7 +111,11 @@ def test_dummy_video_driver_is_overridden() -> None:
         "print('ok')\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, "SDL_VIDEODRIVER": "dummy"}, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        env={**os.environ, "SDL_VIDEODRIVER": "dummy"},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ok" in result.stdout

@@ -82,7 +82,12 @@ def test_publishes_versions_and_weights_load_into_an_actor(tmp_path: Path) -> No
     # Published after update 1 (first), 3 and 6.
     assert learner.weights_version == 3
     assert metrics["learner/weights_version"] == 3
-    for key in ("learner/critic_loss", "learner/actor_loss", "learner/critic_grad_norm", "learner/critic_grad_norm_clipped"):
+    for key in (
+        "learner/critic_loss",
+        "learner/actor_loss",
+        "learner/critic_grad_norm",
+        "learner/critic_grad_norm_clipped",
+    ):
         assert key in metrics
     msg = message_from_bytes(learner.weights(newer_than=0) or b"")
     assert msg.version == 3
@@ -91,7 +96,10 @@ def test_publishes_versions_and_weights_load_into_an_actor(tmp_path: Path) -> No
     load_into(actor, msg.payload)
     # The published weights are the learner's actor at publication time (update 6).
     learner2 = _learner(tmp_path / "b")
-    assert not all(torch.equal(a, b) for a, b in zip(actor.state_dict().values(), learner2.agent.actor.state_dict().values(), strict=True))
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(actor.state_dict().values(), learner2.agent.actor.state_dict().values(), strict=True)
+    )
 
 
 def test_checkpoints_are_written_pruned_and_load_weights_only(tmp_path: Path) -> None:

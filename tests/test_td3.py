@@ -119,7 +119,9 @@ def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module, prefix: s
 @pytest.fixture
 def agent() -> TD3Agent:
     torch.manual_seed(0)
-    return TD3Agent(LearnerConfig(hidden_dim=16, actor_lr=1e-2, critic_lr=1e-2, actor_encoder_lr=1e-2, critic_encoder_lr=1e-2))
+    return TD3Agent(
+        LearnerConfig(hidden_dim=16, actor_lr=1e-2, critic_lr=1e-2, actor_encoder_lr=1e-2, critic_encoder_lr=1e-2)
+    )
 
 
 def test_each_cnn_parameter_is_in_exactly_one_optimizer(agent: TD3Agent) -> None:
@@ -156,7 +158,10 @@ def test_second_update_steps_actor_cnn_and_moves_every_target_by_tau(agent: TD3A
     assert "actor/loss" in metrics
     assert _changed(actor0, agent.actor, "encoder."), "actor CNN must receive gradients from the actor loss"
     tau = agent.cfg.tau
-    for online, target, before in ((agent.actor, agent.actor_target, actor_t0), (agent.critic, agent.critic_target, critic_t0)):
+    for online, target, before in (
+        (agent.actor, agent.actor_target, actor_t0),
+        (agent.critic, agent.critic_target, critic_t0),
+    ):
         for name, value in target.state_dict().items():
             expected = before[name] + tau * (online.state_dict()[name] - before[name])
             torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=name)

@@ -36,7 +36,7 @@ import gymnasium as gym
 import numpy as np
 
 from common.config import EnvConfig
-from common.schema import ACTION_DIM, FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, STACK, VECTOR_DIM, Observation
+from common.schema import ACTION_DIM, FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, VECTOR_DIM, Observation
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def action_space() -> gym.spaces.Box:
 class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
     """Lane following on highway-env's racetrack with convoy's Dict observation."""
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 5}
+    metadata: dict[str, Any] = {"render_modes": ["rgb_array"], "render_fps": 5}  # noqa: RUF012 - gymnasium API
 
     def __init__(self, config: EnvConfig | None = None, render_mode: str | None = None) -> None:
         _ensure_offscreen_video()
@@ -171,7 +171,9 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
 
     # ----- gymnasium API -----------------------------------------------------------------
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Observation, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Observation, dict[str, Any]]:
         super().reset(seed=seed)
         self._sim.reset(seed=seed)
         self._steps = 0
@@ -224,7 +226,7 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
         }
         return self._observation(), float(reward), terminated, truncated, info
 
-    def render(self) -> np.ndarray | None:
+    def render(self) -> np.ndarray | None:  # type: ignore[override]
         if self.render_mode != "rgb_array":
             return None
         return np.repeat(self._stack[-1][..., None], 3, axis=-1)
