@@ -16,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from actors.envs.errors import RecoverableEnv, SimulatorCrashed, SimulatorUnavailable
 from actors.segments import SegmentBuilder
 from common.config import ConvoyConfig
 from common.networks import Actor
@@ -24,6 +25,10 @@ from common.schema import Observation, SchemaError, check_observation
 from common.weights import WeightsError, load_into, message_from_bytes
 
 log = logging.getLogger(__name__)
+
+# Crashes in a row (no successful step between) before the collector gives up and lets Ray
+# restart it; a server manager usually gives up first (carla.max_restarts).
+MAX_CONSECUTIVE_CRASHES = 10
 
 
 def collector_noise_std(cfg: ConvoyConfig, collector_id: int) -> float:
@@ -49,6 +54,7 @@ class Collector:
         self.cfg = cfg
         self.collector_id = collector_id
         self.sink = sink
+        self.env_factory = env_factory
         self.env = env_factory()
         self.noise_std = collector_noise_std(cfg, collector_id)
         self.seed = cfg.run.seed + 1000 * (collector_id + 1)
@@ -69,6 +75,10 @@ class Collector:
         self.recent_returns: deque[float] = deque(maxlen=20)
         self.recent_completion: deque[float] = deque(maxlen=20)
         self.recent_success: deque[float] = deque(maxlen=20)
+        # Per-episode driving metrics ("driving/..." info keys) of envs that report them (CARLA).
+        self.recent_driving: dict[str, deque[float]] = {}
+        self.simulator_restarts_total = 0
+        self._consecutive_crashes = 0
         self.last_acting_version = 0
         self._episode_return = 0.0
         self._obs = self._reset()
@@ -95,7 +105,7 @@ class Collector:
     def _reset(self) -> Observation:
         seed = int(self.rng.integers(2**31))
         for _attempt in range(3):
-            obs, _ = self.env.reset(seed=seed)
+            obs = self._env_reset(seed)
             try:
                 check_observation(obs)
             except SchemaError as exc:
@@ -108,6 +118,34 @@ class Collector:
             self._episode_return = 0.0
             return obs
         raise RuntimeError(f"collector {self.collector_id}: env produced invalid observations on 3 resets")
+
+    def _env_reset(self, seed: int) -> Observation:
+        while True:
+            try:
+                obs, _ = self.env.reset(seed=seed)
+                return obs
+            except SimulatorCrashed as exc:
+                self._recover_simulator(exc, "reset")
+
+    def _recover_simulator(self, exc: SimulatorCrashed, during: str) -> None:
+        """A dead or hung simulator: drop the unfinished segment (nothing half-written enters
+        replay) and bring the simulator back; the caller starts a new episode."""
+        self.simulator_restarts_total += 1
+        self._consecutive_crashes += 1
+        self.dropped_steps_total += self.builder.drop()
+        log.warning("collector %d: simulator crashed during %s (%s); restarting it", self.collector_id, during, exc)
+        if self._consecutive_crashes > MAX_CONSECUTIVE_CRASHES:
+            raise SimulatorUnavailable(
+                f"collector {self.collector_id}: {self._consecutive_crashes} simulator crashes in a row; last: {exc}"
+            ) from exc
+        if isinstance(self.env, RecoverableEnv):
+            self.env.recover()
+        else:
+            try:
+                self.env.close()
+            except Exception as close_exc:  # the old env's simulator is gone; report, replace it
+                log.warning("collector %d: closing the crashed env failed: %s", self.collector_id, close_exc)
+            self.env = self.env_factory()
 
     @property
     def acting_randomly(self) -> bool:
@@ -127,7 +165,13 @@ class Collector:
         for _ in range(num_steps):
             version = 0 if self.acting_randomly else self.weights_version
             action = self.act(self._obs)
-            next_obs, reward, terminated, truncated, info = self.env.step(action)
+            try:
+                next_obs, reward, terminated, truncated, info = self.env.step(action)
+            except SimulatorCrashed as exc:
+                self._recover_simulator(exc, "step")
+                self._obs = self._reset()
+                continue
+            self._consecutive_crashes = 0
             self.env_steps_total += 1
             self.run_env_steps += 1
             if version > 0:
@@ -162,11 +206,15 @@ class Collector:
         self.recent_returns.append(self._episode_return)
         self.recent_completion.append(float(info.get("route_completion", 0.0)))
         self.recent_success.append(1.0 if info.get("termination_reason") == "route_completed" else 0.0)
+        for key, value in info.items():
+            if key.startswith("driving/"):
+                self.recent_driving.setdefault(key, deque(maxlen=20)).append(float(value))
 
     def metrics(self) -> dict[str, float]:
         def mean(d: deque[float]) -> float:
             return float(np.mean(d)) if d else float("nan")
 
+        env_metrics = getattr(self.env, "metrics", None)
         return {
             "collector/env_steps_total": self.env_steps_total,
             "collector/policy_steps_total": self.policy_steps_total,
@@ -180,6 +228,9 @@ class Collector:
             "collector/route_completion": mean(self.recent_completion),
             "collector/success_rate": mean(self.recent_success),
             "collector/noise_std": self.noise_std,
+            "collector/simulator_restarts_total": self.simulator_restarts_total,
+            **{f"collector/{key}": mean(values) for key, values in self.recent_driving.items()},
+            **(env_metrics() if callable(env_metrics) else {}),
             **self.sink.metrics(),
         }
 

@@ -1,9 +1,16 @@
 """Actor and critic networks; shared by the learner (training) and collectors (acting).
 
-Each of actor and critic owns a separate NatureCNN (Mnih et al. 2015: three conv layers and
-a 512-unit fc) fed ``image / 255``; the 23-float vector is concatenated after the CNN
-(512 + 23) and an MLP head follows. The critic's CNN is shared by its twin Q heads, as in
-DrQ (Yarats et al. 2021), so a critic update steps one CNN.
+Each of actor and critic owns a separate CNN fed ``image / 255``; the 23-float vector is
+concatenated after the CNN (512 + 23) and an MLP head follows. The critic's CNN is shared by
+its twin Q heads, as in DrQ (Yarats et al. 2021), so a critic update steps one CNN.
+
+Encoders (``learner.encoder``):
+
+``nature``          NatureCNN (Mnih et al. 2015): conv 8x8/4 (32), 4x4/2 (64), 3x3/1 (64), fc 512.
+``nature_maxpool``  the same three convs, each followed by 2x2 max-pooling; strides are
+                    reduced (2, 1, 1) so 84x84 still leaves a 3x3 map, then fc 512.
+``none``            no image: features are empty and the heads see only the vector (for
+                    vector-only tasks such as the Pendulum learning test).
 """
 
 from __future__ import annotations
@@ -14,36 +21,74 @@ from torch import nn
 from common.schema import ACTION_DIM, IMAGE_SHAPE, VECTOR_DIM
 
 FEATURE_DIM = 512
+ENCODERS = ("nature", "nature_maxpool", "none")
 
 
-class NatureCNN(nn.Module):
-    """uint8 or float image (B, 4, 84, 84) -> features (B, 512)."""
+def _to_float(image: torch.Tensor) -> torch.Tensor:
+    # uint8 travels to the device; the float conversion happens here, on the device.
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image
 
-    def __init__(self, in_channels: int = IMAGE_SHAPE[0], image_size: int = IMAGE_SHAPE[1]) -> None:
+
+class ConvEncoder(nn.Module):
+    """uint8 or float image (B, C, H, W) -> features (B, 512)."""
+
+    def __init__(self, convs: nn.Sequential, in_channels: int, image_size: int) -> None:
         super().__init__()
-        self.convs = nn.Sequential(
-            nn.Conv2d(in_channels, 32, kernel_size=8, stride=4),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, kernel_size=4, stride=2),
-            nn.ReLU(),
-            nn.Conv2d(64, 64, kernel_size=3, stride=1),
-            nn.ReLU(),
-            nn.Flatten(),
-        )
+        self.convs = convs
         with torch.no_grad():
-            n_flat = self.convs(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
+            n_flat = self.convs(torch.zeros(1, in_channels, image_size, image_size)).flatten(1).shape[1]
         self.fc = nn.Sequential(nn.Linear(n_flat, FEATURE_DIM), nn.ReLU())
+        self.out_dim = FEATURE_DIM
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        # uint8 travels to the device; the float conversion happens here, on the device.
-        x = image.float() / 255.0 if image.dtype == torch.uint8 else image
-        return self.fc(self.convs(x))
+        return self.fc(self.convs(_to_float(image)).flatten(1))
+
+
+def nature_cnn(in_channels: int = IMAGE_SHAPE[0], image_size: int = IMAGE_SHAPE[1]) -> ConvEncoder:
+    convs = nn.Sequential(
+        nn.Conv2d(in_channels, 32, kernel_size=8, stride=4),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, kernel_size=4, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, kernel_size=3, stride=1),
+        nn.ReLU(),
+    )
+    return ConvEncoder(convs, in_channels, image_size)
+
+
+def nature_maxpool_cnn(in_channels: int = IMAGE_SHAPE[0], image_size: int = IMAGE_SHAPE[1]) -> ConvEncoder:
+    # 84 -conv8/2-> 39 -pool-> 19 -conv4/1-> 16 -pool-> 8 -conv3/1-> 6 -pool-> 3: 64*3*3 = 576.
+    convs = nn.Sequential(
+        nn.Conv2d(in_channels, 32, kernel_size=8, stride=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, kernel_size=4, stride=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, kernel_size=3, stride=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+    return ConvEncoder(convs, in_channels, image_size)
+
+
+class NoImage(nn.Module):
+    """No CNN: empty features, so the heads see only the vector."""
+
+    out_dim = 0
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.new_zeros((image.shape[0], 0), dtype=torch.float32)
 
 
 def make_encoder(name: str) -> nn.Module:
     if name == "nature":
-        return NatureCNN()
-    raise ValueError(f"learner.encoder={name!r}: allowed: 'nature'")
+        return nature_cnn()
+    if name == "nature_maxpool":
+        return nature_maxpool_cnn()
+    if name == "none":
+        return NoImage()
+    raise ValueError(f"learner.encoder={name!r}: allowed: {', '.join(map(repr, ENCODERS))}")
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -53,33 +98,50 @@ def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 
 
 class Actor(nn.Module):
-    """(image, vector) -> deterministic action in [-1, 1]^2."""
+    """(image, vector) -> deterministic action in [-1, 1]^action_dim."""
 
-    def __init__(self, encoder: str = "nature", hidden_dim: int = 256) -> None:
+    def __init__(
+        self, encoder: str = "nature", hidden_dim: int = 256, vector_dim: int = VECTOR_DIM, action_dim: int = ACTION_DIM
+    ) -> None:
         super().__init__()
         self.encoder = make_encoder(encoder)
-        self.head = _mlp(FEATURE_DIM + VECTOR_DIM, hidden_dim, ACTION_DIM)
+        self.head = _mlp(int(self.encoder.out_dim) + vector_dim, hidden_dim, action_dim)
+
+    def act(self, features: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(torch.cat([features, vector.to(features.dtype)], dim=-1)))
 
     def forward(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(image)
-        return torch.tanh(self.head(torch.cat([features, vector], dim=-1)))
+        return self.act(self.encoder(image), vector)
 
 
 class Critic(nn.Module):
     """(image, vector, action) -> (Q1, Q2), each (B,); one CNN shared by the twin heads."""
 
-    def __init__(self, encoder: str = "nature", hidden_dim: int = 256) -> None:
+    def __init__(
+        self, encoder: str = "nature", hidden_dim: int = 256, vector_dim: int = VECTOR_DIM, action_dim: int = ACTION_DIM
+    ) -> None:
         super().__init__()
         self.encoder = make_encoder(encoder)
-        self.q1 = _mlp(FEATURE_DIM + VECTOR_DIM + ACTION_DIM, hidden_dim, 1)
-        self.q2 = _mlp(FEATURE_DIM + VECTOR_DIM + ACTION_DIM, hidden_dim, 1)
+        in_dim = int(self.encoder.out_dim) + vector_dim + action_dim
+        self.q1 = _mlp(in_dim, hidden_dim, 1)
+        self.q2 = _mlp(in_dim, hidden_dim, 1)
+
+    def _joint(self, features: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return torch.cat([features, vector.to(features.dtype), action.to(features.dtype)], dim=-1)
+
+    def heads(
+        self, features: torch.Tensor, vector: torch.Tensor, action: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._joint(features, vector, action)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+    def q1_head(self, features: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.q1(self._joint(features, vector, action)).squeeze(-1)
 
     def forward(
         self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([self.encoder(image), vector, action], dim=-1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+        return self.heads(self.encoder(image), vector, action)
 
     def q1_only(self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.encoder(image), vector, action], dim=-1)
-        return self.q1(x).squeeze(-1)
+        return self.q1_head(self.encoder(image), vector, action)

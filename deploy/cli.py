@@ -21,6 +21,16 @@ def default_config_path() -> str:
     return str(resources.files("deploy").joinpath("configs/local.yaml"))
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convoy", description="Distributed TD3 for driving: collectors, Redis replay, a learner."
@@ -29,11 +39,17 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train on the configured simulator")
     t.add_argument("--config", default=None, help="run config YAML (default: deploy/configs/local.yaml)")
+    t.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run from its newest checkpoint (config from RUN_DIR/config.yaml unless --config)",
+    )
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.batch_size=128")
 
     e = sub.add_parser("evaluate", help="run a checkpoint's deterministic policy")
     e.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (newest checkpoint)")
-    e.add_argument("--episodes", type=int, default=5)
+    e.add_argument("--episodes", type=_positive_int, default=5, help="evaluation episodes (>= 1)")
     e.add_argument("--seed", type=int, default=1_000_003, help="seed of the first evaluation episode")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -60,8 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             from deploy.driver import train
 
-            cfg = load_config(args.config or default_config_path(), args.overrides)
-            train(cfg)
+            if args.resume:
+                config_path = args.config or str(Path(args.resume) / "config.yaml")
+                train(load_config(config_path, args.overrides), resume=args.resume)
+            else:
+                train(load_config(args.config or default_config_path(), args.overrides))
         elif args.command == "evaluate":
             from deploy.evaluate import evaluate
 
@@ -92,9 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from learner.checkpoint import CheckpointError
+        from learner.loop import NonFiniteError
         from replay_service.shards import ShardError
 
-        if isinstance(exc, (CheckpointError, ShardError)):
+        if isinstance(exc, (CheckpointError, ShardError, NonFiniteError)):
             print(f"convoy: {exc}", file=sys.stderr)
             return 1
         raise

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from common.config import ConvoyConfig
+from common.config import ConfigError, ConvoyConfig
 from common.metrics import MetricsExporter
 from replay_service.sampler import ReplaySampler
 from replay_service.shards import ShardSet, redact
@@ -28,9 +28,21 @@ from replay_service.writer import ReplayWriter
 log = logging.getLogger(__name__)
 
 
+def _min_size_to_sample(cfg: ConvoyConfig) -> int:
+    return cfg.replay.min_size_to_sample or max(cfg.collector.start_steps, cfg.learner.batch_size)
+
+
 def sink_factory(cfg: ConvoyConfig, urls: list[str], collector_id: int) -> functools.partial[ReplayWriter]:
     return functools.partial(
-        ReplayWriter, urls, cfg.replay.capacity, cfg.replay.codec, cfg.replay.password, collector_id
+        ReplayWriter,
+        urls,
+        cfg.replay.capacity,
+        cfg.replay.codec,
+        cfg.replay.password,
+        collector_id,
+        samples_per_insert=cfg.replay.samples_per_insert,
+        spi_tolerance=cfg.replay.spi_tolerance,
+        min_size_to_sample=_min_size_to_sample(cfg),
     )
 
 
@@ -45,7 +57,9 @@ def source_factory(cfg: ConvoyConfig, urls: list[str], pin_memory: bool) -> func
         index_refresh_s=cfg.replay.index_refresh_s,
         seed=cfg.run.seed,
         pin_memory=pin_memory,
-        min_size=max(cfg.collector.start_steps, cfg.learner.batch_size),
+        min_size=_min_size_to_sample(cfg),
+        samples_per_insert=cfg.replay.samples_per_insert,
+        spi_tolerance=cfg.replay.spi_tolerance,
     )
 
 
@@ -54,6 +68,7 @@ class Progress:
     """What the driver knows about the run, from the metric dicts the actors return."""
 
     start: float = field(default_factory=time.monotonic)
+    base_env_steps: int = 0  # env steps of the run before a resume
     collector: dict[int, dict[str, float]] = field(default_factory=dict)
     learner: dict[str, float] = field(default_factory=dict)
     _last_t: float = field(default_factory=time.monotonic)
@@ -62,7 +77,7 @@ class Progress:
 
     @property
     def env_steps(self) -> int:
-        return int(sum(m.get("collector/env_steps_total", 0) for m in self.collector.values()))
+        return self.base_env_steps + int(sum(m.get("collector/env_steps_total", 0) for m in self.collector.values()))
 
     @property
     def updates(self) -> int:
@@ -76,12 +91,13 @@ class Progress:
             if not math.isnan(m.get("collector/last_episode_return", math.nan))
         ]
         elapsed = time.monotonic() - self.start
+        new_steps = self.env_steps - self.base_env_steps
         return {
             "run/env_steps_total": self.env_steps,
             "run/updates_total": self.updates,
             "run/episodes_total": eps,
             "run/elapsed_seconds": elapsed,
-            "run/env_steps_per_s": self.env_steps / max(elapsed, 1e-9),
+            "run/env_steps_per_s": new_steps / max(elapsed, 1e-9),
             "run/updates_per_s": self.updates / max(elapsed, 1e-9),
             "run/replay_size": self.learner.get("replay_sampler/size", 0),
             "run/weights_version": self.learner.get("learner/weights_version", 0),
@@ -121,8 +137,12 @@ def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
-def train(cfg: ConvoyConfig, out: TextIO = sys.stdout) -> dict[str, float]:
-    """Run training to ``run.total_env_steps`` (or Ctrl-C / SIGTERM); returns the final summary."""
+def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None = None) -> dict[str, float]:
+    """Run training to ``run.total_env_steps`` (or Ctrl-C / SIGTERM); returns the final summary.
+
+    With ``resume`` (a run or checkpoint directory) the learner continues exactly from the
+    newest checkpoint and env steps count on from its counter; replay starts empty unless
+    ``replay.shard_urls`` points at shards that kept their data."""
     import ray
     import torch
 
@@ -134,8 +154,19 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout) -> dict[str, float]:
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     print("resolved config:\n" + "\n".join("  " + ln for ln in cfg.to_yaml().splitlines()), file=out, flush=True)
 
-    previous_term = signal.signal(signal.SIGTERM, _raise_stop)
     progress = Progress()
+    if resume is not None:
+        from learner.checkpoint import load_checkpoint
+
+        state = load_checkpoint(resume, networks=(), full=False).state
+        progress.base_env_steps = progress._last_steps = int(state.get("env_steps", 0))
+        if progress.base_env_steps >= cfg.run.total_env_steps:
+            raise ConfigError(
+                f"run.total_env_steps={cfg.run.total_env_steps} is already reached by the checkpoint "
+                f"({progress.base_env_steps} env steps); raise it to train further, e.g. "
+                f"run.total_env_steps={progress.base_env_steps + 100_000}"
+            )
+    previous_term = signal.signal(signal.SIGTERM, _raise_stop)
     summary: dict[str, float] = {}
     shards = ShardSet(
         num_shards=cfg.replay.num_shards,
@@ -158,11 +189,18 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout) -> dict[str, float]:
                 include_dashboard=False,
                 logging_level=logging.WARNING,
                 object_store_memory=256 * 1024**2,
+                # One "carla" slot per collector on a local cluster; on `ray up` clusters each
+                # node declares how many CARLA servers it can run (README, "Running with CARLA").
+                resources={"carla": cfg.collector.num_collectors} if cfg.env.backend == "carla" else None,
             )
         ray_started = True
         config_dict = cfg.to_dict()
         collectors = [
-            CollectorActor.options(num_cpus=cfg.collector.num_cpus).remote(  # type: ignore[attr-defined]
+            CollectorActor.options(  # type: ignore[attr-defined]
+                num_cpus=cfg.collector.num_cpus,
+                # A CARLA collector owns a server: place it only where a server slot is free.
+                resources={"carla": 1} if cfg.env.backend == "carla" else None,
+            ).remote(
                 config_dict, i, sink_factory(cfg, shards.urls, i)
             )
             for i in range(cfg.collector.num_collectors)
@@ -170,6 +208,13 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout) -> dict[str, float]:
         learner = LearnerActor.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(  # type: ignore[attr-defined]
             config_dict, source_factory(cfg, shards.urls, pin_memory=use_gpu), str(run_dir)
         )
+        if resume is not None:
+            info = ray.get(learner.restore.remote(str(resume)))
+            print(
+                f"resumed from {info['checkpoint']}: updates {info['updates']}, env_steps {info['env_steps']}",
+                file=out,
+                flush=True,
+            )
         exporter = MetricsExporter(cfg.run.metrics_host, labels={"component": "driver"}) if cfg.run.metrics else None
         if exporter:
             urls = ray.get([c.metrics_url.remote() for c in collectors] + [learner.metrics_url.remote()])
@@ -257,11 +302,11 @@ def _loop(
                 progress.collector[i] = ray.get(ref)
                 submit_collect(i)
             else:
-                metrics, weights = ray.get(ref)
+                metrics, published = ray.get(ref)
                 progress.learner = metrics
-                if weights is not None:
+                if published is not None:
+                    weights_version, weights = published
                     weights_ref = ray.put(weights)
-                    weights_version = int(metrics["learner/weights_version"])
                 submit_train()
         if exporter:
             exporter.update(progress.summary())

@@ -26,8 +26,10 @@ def evaluate(checkpoint: str | Path, episodes: int, seed: int = 1_000_003, log: 
     torch.set_num_threads(1)
     actor = Actor(cfg.learner.encoder, cfg.learner.hidden_dim).eval()
     actor.load_state_dict(data.networks["actor"])
-    env = make_env(cfg.env)
+    env = make_env(cfg.env, cfg.carla)
     returns, completion, success, lengths = [], [], [], []
+    # Leaderboard-style driving metrics ("driving/..." info keys) where the env reports them (CARLA).
+    driving: dict[str, list[float]] = {}
     try:
         for ep in range(episodes):
             obs, info = env.reset(seed=seed + ep)
@@ -45,6 +47,9 @@ def evaluate(checkpoint: str | Path, episodes: int, seed: int = 1_000_003, log: 
             completion.append(float(info.get("route_completion", 0.0)))
             success.append(1.0 if info.get("termination_reason") == "route_completed" else 0.0)
             lengths.append(steps)
+            for key, value in info.items():
+                if key.startswith("driving/"):
+                    driving.setdefault(key, []).append(float(value))
             print(
                 f"episode {ep + 1}/{episodes}: return {ep_return:.2f}, steps {steps}, "
                 f"route completion {completion[-1]:.2f}, end {info.get('termination_reason')}",
@@ -62,4 +67,5 @@ def evaluate(checkpoint: str | Path, episodes: int, seed: int = 1_000_003, log: 
         "checkpoint": str(path),
         "updates": int(data.state.get("updates", 0)),
         "weights_version": int(data.state.get("weights_version", 0)),
+        **{key: float(np.mean(values)) for key, values in driving.items()},
     }

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 
 import torch
 
 from common.config import LearnerConfig
 from common.networks import Actor, Critic
-from common.schema import Batch
+from common.schema import ACTION_DIM, VECTOR_DIM, Batch
+
 from learner import td3
 
 log = logging.getLogger(__name__)
@@ -24,26 +27,61 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs whose oneDNN kernels run bf16 natively (AVX512-BF16 or AMX); elsewhere
+    bf16 is emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``learner.precision`` on ``device`` (None = fp32, no autocast)."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            log.warning("learner.precision=bf16 on a CPU without native bf16: expect it to be slower than fp32")
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
 class TD3Agent:
     """Actor and critic, each with its own CNN, their Polyak targets and one Adam per network.
 
     Each optimizer holds exactly its own network's parameters (CNN and head in separate
     groups with their own learning rates), so the actor loss can never step the critic's CNN
-    and vice versa.
+    and vice versa. Parameters, optimizer state, targets and losses are fp32; only forward
+    passes run under autocast when ``learner.precision`` resolves to bf16.
     """
 
-    def __init__(self, cfg: LearnerConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        cfg: LearnerConfig,
+        device: torch.device | str = "cpu",
+        vector_dim: int = VECTOR_DIM,
+        action_dim: int = ACTION_DIM,
+    ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
-        self.actor = Actor(cfg.encoder, cfg.hidden_dim).to(self.device)
-        self.critic = Critic(cfg.encoder, cfg.hidden_dim).to(self.device)
+        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        self.channels_last = cfg.channels_last and cfg.encoder != "none"
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.actor = Actor(cfg.encoder, cfg.hidden_dim, vector_dim, action_dim).to(self.device, memory_format=fmt)
+        self.critic = Critic(cfg.encoder, cfg.hidden_dim, vector_dim, action_dim).to(self.device, memory_format=fmt)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        # Fused Adam on CUDA is one kernel for all parameters; on CPU the foreach path is the fast one.
+        fused = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         self.actor_opt = torch.optim.Adam(
             [
                 {"params": list(self.actor.encoder.parameters()), "lr": cfg.actor_encoder_lr, "name": "encoder"},
                 {"params": list(self.actor.head.parameters()), "lr": cfg.actor_lr, "name": "head"},
-            ]
+            ],
+            **fused,
         )
         self.critic_opt = torch.optim.Adam(
             [
@@ -53,33 +91,67 @@ class TD3Agent:
                     "lr": cfg.critic_lr,
                     "name": "heads",
                 },
-            ]
+            ],
+            **fused,
         )
         self.actor_params = list(self.actor.parameters())
         self.critic_params = list(self.critic.parameters())
         self._actor_pairs = (self.actor_params, list(self.actor_target.parameters()))
         self._critic_pairs = (self.critic_params, list(self.critic_target.parameters()))
+        # Callables used by update(); torch.compile wraps them when learner.compile is set.
+        self._actor_encoder = self.actor.encoder
+        self._critic_encoder = self.critic.encoder
+        self._actor_target_fwd = self.actor_target
+        self._critic_target_fwd = self.critic_target
+        if cfg.compile:
+            self._compile()
         self.updates = 0
         self.nonfinite_total = 0
+        self.consecutive_nonfinite = 0
+
+    def _compile(self) -> None:
+        # CUDA graphs ("reduce-overhead") remove per-kernel launch cost, which dominates a
+        # small-batch RL update on a fast GPU; on CPU the default mode fuses pointwise ops.
+        mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self._actor_encoder = torch.compile(self.actor.encoder, mode=mode, dynamic=False)
+        self._critic_encoder = torch.compile(self.critic.encoder, mode=mode, dynamic=False)
+        self._actor_target_fwd = torch.compile(self.actor_target, mode=mode, dynamic=False)
+        self._critic_target_fwd = torch.compile(self.critic_target, mode=mode, dynamic=False)
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def prepare(self, batch: Batch) -> Batch:
+        """Move a batch to the device (non-blocking from pinned memory) in the networks' layout."""
+        batch = batch.to(self.device, non_blocking=self.device.type == "cuda")
+        if self.channels_last and batch.image.dim() == 4:
+            batch.image = batch.image.contiguous(memory_format=torch.channels_last)
+            batch.next_image = batch.next_image.contiguous(memory_format=torch.channels_last)
+        return batch
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """One TD3 step on a batch already on ``self.device``; returns tensor metrics."""
+        """One TD3 step on a prepared batch (see :meth:`prepare`); returns tensor metrics."""
         cfg = self.cfg
         metrics: dict[str, torch.Tensor] = {}
 
-        with torch.no_grad():
-            next_action = self.actor_target(batch.next_image, batch.next_vector)
+        with torch.no_grad(), self.autocast():
+            next_action = self._actor_target_fwd(batch.next_image, batch.next_vector).float()
             noise = td3.smoothing_noise(
                 next_action.shape, cfg.target_noise, cfg.target_noise_clip, next_action.device, next_action.dtype
             )
-            next_q1, next_q2 = self.critic_target(
+            next_q1, next_q2 = self._critic_target_fwd(
                 batch.next_image, batch.next_vector, td3.smoothed_target_action(next_action, noise)
             )
-            target = td3.td_target(batch.reward, batch.terminated, next_q1, next_q2, cfg.gamma)
+        target = td3.td_target(batch.reward, batch.terminated, next_q1.float(), next_q2.float(), cfg.gamma)
 
-        q1, q2 = self.critic(batch.image, batch.vector, batch.action)
-        loss, m = td3.critic_loss(q1, q2, target)
+        with self.autocast():
+            critic_features = self._critic_encoder(batch.image)
+            q1, q2 = self.critic.heads(critic_features, batch.vector, batch.action)
+        loss, m = td3.critic_loss(q1.float(), q2.float(), target)
         metrics.update(m)
+        metrics["critic/feature_norm"] = critic_features.detach().float().norm(dim=-1).mean()
         self.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
         before, after = td3.clip_grad_norm(self.critic_params, cfg.critic_grad_clip)
@@ -92,9 +164,17 @@ class TD3Agent:
         # Actor and targets on every policy_delay-th critic update (2nd, 4th, ... as in TD3's
         # reference code, which increments its counter before testing it).
         if (self.updates + 1) % cfg.policy_delay == 0:
-            pi = self.actor(batch.image, batch.vector)
-            a_loss, m = td3.actor_loss(self.critic.q1_only(batch.image, batch.vector, pi))
+            with self.autocast():
+                actor_features = self._actor_encoder(batch.image)
+                pi = self.actor.act(actor_features, batch.vector)
+                # The critic's CNN features do not depend on the actor's parameters, so the
+                # actor's gradient is the same without a graph through the critic's CNN.
+                with torch.no_grad():
+                    critic_features = self._critic_encoder(batch.image)
+                q_pi = self.critic.q1_head(critic_features, batch.vector, pi)
+            a_loss, m = td3.actor_loss(q_pi.float())
             metrics.update(m)
+            metrics["actor/feature_norm"] = actor_features.detach().float().norm(dim=-1).mean()
             self.actor_opt.zero_grad(set_to_none=True)
             # Only the actor's parameters accumulate gradients from the actor loss.
             a_loss.backward(inputs=self.actor_params)
@@ -107,15 +187,26 @@ class TD3Agent:
             td3.polyak_update(*self._actor_pairs, cfg.tau)
             td3.polyak_update(*self._critic_pairs, cfg.tau)
         self.updates += 1
+        self.consecutive_nonfinite = 0
         return metrics
 
     def _skip(self, network: str, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.nonfinite_total += 1
-        log.warning("non-finite %s loss or gradient at update %d; update skipped", network, self.updates)
+        self.consecutive_nonfinite += 1
+        log.warning(
+            "non-finite %s loss or gradient at update %d (%d in a row); update skipped",
+            network,
+            self.updates,
+            self.consecutive_nonfinite,
+        )
         self.actor_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         metrics[f"{network}/nonfinite"] = torch.ones(())
         return metrics
+
+    def encoders(self) -> Iterator[tuple[str, torch.nn.Module]]:
+        yield "actor", self.actor.encoder
+        yield "critic", self.critic.encoder
 
     def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         return {

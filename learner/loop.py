@@ -1,10 +1,16 @@
 """The learner: pulls batches from a BatchSource, runs TD3 updates, publishes versioned actor
-weights and writes checkpoints. Plain Python; learner.remote.LearnerActor wraps it for Ray."""
+weights and writes checkpoints. Plain Python; learner.remote.LearnerActor wraps it for Ray.
+
+Nothing slow runs on the update path: publishing and checkpointing take a snapshot (a copy
+of the tensors) there and hand the encoding and file writing to one background thread.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,32 +21,76 @@ import torch
 
 from common.config import ConvoyConfig
 from common.protocols import BatchSource
-from common.weights import message_to_bytes, pack_weights
+from common.schema import ACTION_DIM, VECTOR_DIM, WeightsMessage
+from common.weights import encode_state_dict, message_to_bytes
+
 from learner.agent import TD3Agent, resolve_device
-from learner.checkpoint import CheckpointData, save_checkpoint
+from learner.checkpoint import CheckpointData, load_checkpoint, resolve_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite updates; a checkpoint of the last good state was written."""
+
+
+def _snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def _snapshot_tree(obj: Any) -> Any:
+    """Deep copy of an optimizer state dict with every tensor copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_snapshot_tree(v) for v in obj]
+    return obj
+
+
 class Learner:
-    def __init__(self, cfg: ConvoyConfig, source: BatchSource, run_dir: str | Path) -> None:
+    def __init__(
+        self,
+        cfg: ConvoyConfig,
+        source: BatchSource,
+        run_dir: str | Path,
+        vector_dim: int = VECTOR_DIM,
+        action_dim: int = ACTION_DIM,
+    ) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.learner.device)
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.learner.num_threads or os.cpu_count() or 1)
         torch.manual_seed(cfg.run.seed)
         self.np_rng = np.random.default_rng(cfg.run.seed)
-        self.agent = TD3Agent(cfg.learner, self.device)
+        self.agent = TD3Agent(cfg.learner, self.device, vector_dim, action_dim)
         self.source = source
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.weights_version = 0
         self._weights: bytes | None = None
+        self._published_version = 0
+        self._weights_lock = threading.Lock()
         self.env_steps = 0
         self.last_checkpoint: Path | None = None
         self.train_seconds_total = 0.0
         self.data_wait_seconds_total = 0.0
-        self._non_blocking = self.device.type == "cuda"
+        self.checkpoint_seconds_total = 0.0
+        self._initial_encoders = {name: _snapshot(enc.state_dict()) for name, enc in self.agent.encoders()}
+        # One background thread: weight encoding and checkpoint writes happen in order, off
+        # the update path.
+        self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-io")
+        self._pending_checkpoint: concurrent.futures.Future[Path] | None = None
+        self._last_call = (time.perf_counter(), 0)
+        log.info(
+            "learner on %s (autocast %s, channels_last %s, compile %s); config:\n%s",
+            self.device,
+            self.agent.autocast_dtype,
+            self.agent.channels_last,
+            cfg.learner.compile,
+            "\n".join(f"  learner.{k}: {v}" for k, v in cfg.to_dict()["learner"].items()),
+        )
 
     @property
     def updates(self) -> int:
@@ -54,6 +104,8 @@ class Learner:
         """No updates before the run has ``collector.start_steps`` transitions in replay."""
         return self.source.size >= self.min_replay_size
 
+    # ----- training ----------------------------------------------------------------------
+
     def train(self, num_updates: int, env_steps: int | None = None) -> dict[str, float]:
         """Run up to ``num_updates`` updates (none while replay is below the minimum size)."""
         if env_steps is not None:
@@ -66,38 +118,76 @@ class Learner:
         start = time.perf_counter()
         for _ in range(num_updates):
             t0 = time.perf_counter()
-            batch = next(self.source).to(self.device, non_blocking=self._non_blocking)
+            batch = self.agent.prepare(next(self.source))
             self.data_wait_seconds_total += time.perf_counter() - t0
             for key, value in self.agent.update(batch).items():
                 sums[key] = sums[key] + value.detach() if key in sums else value.detach().clone()
                 counts[key] += 1
+            if self.agent.consecutive_nonfinite >= self.cfg.learner.max_nonfinite:
+                self._stop_nonfinite()
+            if self.agent.consecutive_nonfinite:
+                continue
             # Also right after the first update: collectors leave uniform random actions as
             # soon as the learner trains, rather than publish_every updates later.
             if self.agent.updates % self.cfg.learner.publish_every == 0 or self.weights_version == 0:
                 self.publish()
             if self.agent.updates % self.cfg.run.checkpoint_every_updates == 0:
-                self.checkpoint()
+                self.checkpoint(wait=False)
         self.train_seconds_total += time.perf_counter() - start
         # One host sync per call, not per update.
         return self.metrics({k: float(v) / counts[k] for k, v in sums.items()})
 
+    def _stop_nonfinite(self) -> None:
+        n = self.agent.consecutive_nonfinite
+        # Skipped updates never step the networks, so the current state is the last good one.
+        path = self.checkpoint(wait=True)
+        raise NonFiniteError(
+            f"{n} consecutive non-finite updates (learner.max_nonfinite={self.cfg.learner.max_nonfinite}); "
+            f"last good state saved to {path}. Check the replay data and learning rates."
+        )
+
+    # ----- weights -----------------------------------------------------------------------
+
     def publish(self) -> int:
+        """Snapshot the actor now and publish it as version+1 once encoded (in the background)."""
         self.weights_version += 1
-        self._weights = message_to_bytes(pack_weights(self.weights_version, self.agent.actor))
+        self._publish(self.weights_version)
         return self.weights_version
 
-    def weights(self, newer_than: int = -1) -> bytes | None:
-        """The newest weight message if its version is above ``newer_than``."""
-        return self._weights if self.weights_version > newer_than else None
+    def _publish(self, version: int) -> None:
+        state = _snapshot(self.agent.actor.state_dict())
 
-    def checkpoint(self) -> Path:
-        data = CheckpointData(
-            networks=self.agent.state_dicts(),
-            optimizers={"actor": self.agent.actor_opt.state_dict(), "critic": self.agent.critic_opt.state_dict()},
-            rng={
-                "torch": torch.get_rng_state(),
-                **({"cuda": torch.cuda.get_rng_state()} if self.device.type == "cuda" else {}),
-            },
+        def encode() -> None:
+            payload = message_to_bytes(WeightsMessage(version=version, payload=encode_state_dict(state)))
+            with self._weights_lock:
+                if version >= self._published_version:
+                    self._weights, self._published_version = payload, version
+
+        self._io.submit(encode)
+
+    def weights(self, newer_than: int = -1) -> tuple[int, bytes] | None:
+        """(version, message) of the newest encoded weights if the version is above ``newer_than``."""
+        with self._weights_lock:
+            if self._weights is None or self._published_version <= newer_than:
+                return None
+            return self._published_version, self._weights
+
+    def flush(self) -> None:
+        """Wait for background encoding and checkpoint writes to finish."""
+        self._io.submit(lambda: None).result()
+
+    # ----- checkpoints -------------------------------------------------------------------
+
+    def _checkpoint_data(self) -> CheckpointData:
+        rng: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return CheckpointData(
+            networks={k: _snapshot(v) for k, v in self.agent.state_dicts().items()},
+            optimizers=_snapshot_tree(
+                {"actor": self.agent.actor_opt.state_dict(), "critic": self.agent.critic_opt.state_dict()}
+            ),
+            rng=rng,
             state={
                 "env_steps": self.env_steps,
                 "weights_version": self.weights_version,
@@ -106,21 +196,71 @@ class Learner:
             },
             config_yaml=self.cfg.to_yaml(),
         )
-        self.last_checkpoint = save_checkpoint(
-            self.checkpoint_dir, self.agent.updates, data, self.cfg.run.keep_checkpoints
-        )
-        log.info("checkpoint %s", self.last_checkpoint)
-        return self.last_checkpoint
+
+    def checkpoint(self, wait: bool = True) -> Path:
+        """Snapshot now; write in the background (``wait`` blocks until it is on disk)."""
+        t0 = time.perf_counter()
+        data, updates = self._checkpoint_data(), self.agent.updates
+        self.checkpoint_seconds_total += time.perf_counter() - t0
+        root, keep = self.checkpoint_dir, self.cfg.run.keep_checkpoints
+        path = root / f"ckpt-{updates:010d}"
+
+        def write() -> Path:
+            written = save_checkpoint(root, updates, data, keep)
+            self.last_checkpoint = written
+            log.info("checkpoint %s", written)
+            return written
+
+        future = self._io.submit(write)
+        self._pending_checkpoint = future
+        return future.result() if wait else path
+
+    def restore(self, path: str | Path) -> Path:
+        """Resume exactly from a checkpoint (or a run directory's newest one)."""
+        data = load_checkpoint(path)
+        self.agent.load_state_dicts({k: {n: t.to(self.device) for n, t in v.items()} for k, v in data.networks.items()})
+        self.agent.actor_opt.load_state_dict(data.optimizers["actor"])
+        self.agent.critic_opt.load_state_dict(data.optimizers["critic"])
+        self.agent.updates = int(data.state["updates"])
+        self.agent.nonfinite_total = int(data.state.get("nonfinite_total", 0))
+        self.env_steps = int(data.state.get("env_steps", 0))
+        self.weights_version = int(data.state.get("weights_version", 0))
+        torch.set_rng_state(data.rng["torch"])
+        if "cuda" in data.rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(data.rng["cuda"], self.device)
+        if "numpy_rng" in data.state:
+            self.np_rng.bit_generator.state = data.state["numpy_rng"]
+        # Collectors get the restored actor under its saved version straight away.
+        if self.weights_version > 0:
+            self._publish(self.weights_version)
+        self.flush()
+        restored = resolve_checkpoint(path)
+        log.info("restored %s: updates %d, env_steps %d, weights v%d", restored, self.updates, self.env_steps, self.weights_version)
+        return restored
+
+    # ----- metrics -----------------------------------------------------------------------
 
     def metrics(self, update_metrics: dict[str, float]) -> dict[str, float]:
+        now = time.perf_counter()
+        last_t, last_updates = self._last_call
+        self._last_call = (now, self.agent.updates)
         out: dict[str, Any] = {f"learner/{k.replace('/', '_')}": v for k, v in update_metrics.items()}
+        with torch.no_grad():
+            for name, enc in self.agent.encoders():
+                initial = self._initial_encoders[name]
+                if initial:
+                    delta = [(p.detach().float().cpu() - initial[k]).norm() ** 2 for k, p in enc.state_dict().items()]
+                    out[f"learner/{name}_cnn_weight_change"] = float(torch.stack(delta).sum().sqrt())
         out.update(
             {
                 "learner/updates_total": self.agent.updates,
+                "learner/updates_per_s": (self.agent.updates - last_updates) / max(now - last_t, 1e-9),
                 "learner/weights_version": self.weights_version,
                 "learner/nonfinite_total": self.agent.nonfinite_total,
+                "learner/consecutive_nonfinite": self.agent.consecutive_nonfinite,
                 "learner/train_seconds_total": self.train_seconds_total,
                 "learner/data_wait_seconds_total": self.data_wait_seconds_total,
+                "learner/checkpoint_snapshot_seconds_total": self.checkpoint_seconds_total,
                 "learner/ready": float(self.ready()),
                 **self.source.metrics(),
             }
@@ -128,4 +268,5 @@ class Learner:
         return out
 
     def close(self) -> None:
+        self._io.shutdown(wait=True)
         self.source.close()

@@ -29,15 +29,19 @@ class LearnerActor:
     def metrics_url(self) -> str | None:
         return self.exporter.url if self.exporter else None
 
-    def train(self, num_updates: int, env_steps: int) -> tuple[dict[str, float], bytes | None]:
-        """Updates, then the newest weight message if it is newer than the last one returned."""
+    def train(self, num_updates: int, env_steps: int) -> tuple[dict[str, float], tuple[int, bytes] | None]:
+        """Updates, then (version, message) of the newest weights if newer than the last returned."""
         metrics = self.learner.train(num_updates, env_steps)
         if self.exporter:
             self.exporter.update(metrics)
-        weights = self.learner.weights(newer_than=self._sent_version)
-        if weights is not None:
-            self._sent_version = self.learner.weights_version
-        return metrics, weights
+        published = self.learner.weights(newer_than=self._sent_version)
+        if published is not None:
+            self._sent_version = published[0]
+        return metrics, published
+
+    def restore(self, path: str) -> dict[str, Any]:
+        restored = self.learner.restore(path)
+        return {"checkpoint": str(restored), "updates": self.learner.updates, "env_steps": self.learner.env_steps}
 
     def checkpoint(self, env_steps: int) -> str:
         self.learner.env_steps = max(self.learner.env_steps, env_steps)

@@ -1,14 +1,24 @@
 -- Insert one segment and evict the oldest ones past capacity, in one atomic step, so a
 -- reader never sees a half-inserted or half-evicted shard.
--- KEYS: next_seq, head_seq, size, bytes, lens (hash seq -> T), inserted_total, evicted_total
--- ARGV: blob, T, capacity, segment key prefix
+-- KEYS: next_seq, head_seq, size, bytes, lens (hash seq -> T), inserted_total, evicted_total,
+--       epoch, sampled_total
+-- ARGV: blob, T, capacity, segment key prefix, epoch to adopt if the shard has none yet
+-- The epoch is part of every segment key: a shard that restarts empty gets a new one, so a
+-- reader's mirror of the old shard can never alias the new shard's segments.
+-- Returns {seq, size, evicted, inserted_total, sampled_total, epoch}.
 local blob, t, cap, prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local epoch = redis.call('GET', KEYS[8])
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('SET', KEYS[8], epoch)
+end
+prefix = prefix .. epoch .. ':'
 local seq = redis.call('INCR', KEYS[1])
 redis.call('SET', prefix .. seq, blob)
 redis.call('HSET', KEYS[5], seq, t)
 local size = redis.call('INCRBY', KEYS[3], t)
 redis.call('INCRBY', KEYS[4], #blob)
-redis.call('INCRBY', KEYS[6], t)
+local inserted = redis.call('INCRBY', KEYS[6], t)
 local head = tonumber(redis.call('GET', KEYS[2]) or seq)
 local evicted = 0
 -- FIFO: drop whole segments from the head; never the one just written.
@@ -24,4 +34,5 @@ while size > cap and head < seq do
 end
 redis.call('SET', KEYS[2], head)
 if evicted > 0 then redis.call('INCRBY', KEYS[7], evicted) end
-return {seq, size, evicted}
+local sampled = tonumber(redis.call('GET', KEYS[9]) or 0)
+return {seq, size, evicted, inserted, sampled, epoch}

@@ -1,11 +1,19 @@
 """The learner's end of replay: an iterator of uniform random batches.
 
-Uniform over every stored transition: each shard's index (segment seq -> length) is mirrored
-locally and refreshed incrementally, a batch draws global transition indices uniformly over
-the concatenation of all shards' segments (so shards count in proportion to their size and
-segments to their length), and each shard is asked once per batch for exactly the bytes
-those transitions need (sample.lua). Decoding runs on background threads into a bounded
-queue of ready batches.
+Uniform over every stored transition: each shard's live segments (seq, length, and the
+segment's unit offset table, read once per segment) are mirrored locally and refreshed
+incrementally; a batch draws global transition indices uniformly over the concatenation of
+all shards' segments, so a shard is drawn in proportion to its transition count and a segment
+in proportion to its length, exactly (Ape-X and Reverb's uniform selector make the same
+promise per table). Each shard then gets one pipelined round trip per batch holding one
+GETRANGE per transition, for exactly the bytes that transition needs (codec.py), plus the
+shard's counters. Decoding (one zstd stream call per batch, which releases the GIL) runs on
+background threads into a bounded queue of ready batches.
+
+Failure handling: a shard that errors is skipped (its mirror dropped: its data is gone for
+now) and retried with backoff; an epoch change means it restarted empty and its mirror starts
+over. A transition whose bytes are missing (evicted after the mirror saw it) or corrupt is
+counted and redrawn, so the batch stays uniform over what is readable.
 """
 
 from __future__ import annotations
@@ -20,28 +28,93 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from common.schema import FRAME_SHAPE, IMAGE_SHAPE, STACK, VECTOR_DIM, ACTION_DIM, Batch
-from replay_service.codec import TERMINATED, CorruptSegmentError, decode_transition_parts
-from replay_service.shards import ShardClient
+from common.schema import FRAME_SHAPE, STACK, Batch
+from replay_service.codec import RECORD_DTYPE, SPAN, TERMINATED, CorruptSegmentError, decode_batch, parse_index
+from replay_service.ratelimit import SampleToInsertRatio
+from replay_service.shards import ShardAuthError, ShardClient, ShardHealth, ShardStats, ShardUnavailable
 
 log = logging.getLogger(__name__)
 
+_ARANGE_OFFS = np.arange(SPAN + 1)
+_MAX_ATTEMPTS = 8
+
+
+class SampleError(RuntimeError):
+    """Sampling failed (for example, every shard is empty or unreachable)."""
+
 
 @dataclass
-class _ShardIndex:
+class _Mirror:
     """Local mirror of one shard's live segments, oldest first."""
 
+    epoch: str = ""
     seqs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    next_seq: int = 0  # highest seq mirrored
+    uoff: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    codec: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    tab_base: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # into tab
+    tab: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    next_seq: int = 0
+
+    def drop_before(self, head: int) -> None:
+        k = int(np.searchsorted(self.seqs, head, side="left"))
+        if k == 0:
+            return
+        cut = int(self.tab_base[k]) if k < len(self.seqs) else len(self.tab)
+        self.seqs, self.lengths, self.uoff, self.codec = self.seqs[k:], self.lengths[k:], self.uoff[k:], self.codec[k:]
+        self.tab_base = self.tab_base[k:] - cut
+        self.tab = self.tab[cut:]
 
     @property
     def size(self) -> int:
         return int(self.lengths.sum())
 
 
-class SampleError(RuntimeError):
-    """Sampling failed (for example, every shard is empty after retries)."""
+@dataclass(frozen=True)
+class _Snapshot:
+    """Every shard's mirror concatenated: what one batch draws from (immutable, swapped whole)."""
+
+    shard: np.ndarray
+    seqs: np.ndarray
+    starts: np.ndarray  # first global transition index of each segment
+    ends: np.ndarray  # cumulative transition counts
+    uoff: np.ndarray
+    codec: np.ndarray
+    tab_base: np.ndarray
+    tab: np.ndarray
+    epochs: tuple[str, ...]
+
+    @property
+    def total(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+
+class _LogOnce:
+    """Warn on the first occurrence of a kind of bad data per shard, then every 60 s with a count."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[int, str], float] = {}
+
+    def warn(self, shard: int, kind: str, count: int, detail: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get((shard, kind), -1e9) >= 60.0:
+            self._last[(shard, kind)] = now
+            log.warning("replay shard %d: %s (%d so far, skipped): %s", shard, kind, count, detail)
+
+
+@dataclass
+class _ShardCounters:
+    stats: ShardStats = field(default_factory=ShardStats)
+    sampled_total: int = 0
+    corrupt_total: int = 0
+    missing_total: int = 0
+    restarts_total: int = 0
+    unreported: int = 0  # sampled here, not yet added to the shard's sampled_total
+    rate_t: float = 0.0
+    rate_inserted: int = 0
+    rate_sampled: int = 0
+    inserts_per_s: float = 0.0
+    sampled_per_s: float = 0.0
 
 
 class ReplaySampler:
@@ -50,6 +123,11 @@ class ReplaySampler:
     With ``prefetch=0`` every batch is fetched on the caller's thread (tests, benchmarks of
     the raw path); otherwise ``threads`` background threads keep up to ``prefetch`` batches
     ready. Call :meth:`close` (or use as a context manager) to stop them.
+
+    ``min_size`` transitions must be stored before the first batch (Reverb's
+    min_size_to_sample: early batches would repeat the first few segments). With
+    ``samples_per_insert > 0`` a batch waits until the collectors have inserted enough
+    (ratelimit.py); the time spent is reported as ``replay_sampler/rate_limit_wait_seconds_total``.
     """
 
     def __init__(
@@ -58,189 +136,390 @@ class ReplaySampler:
         batch_size: int,
         password: str = "",
         prefetch: int = 4,
-        threads: int = 1,
+        threads: int = 2,
         index_refresh_s: float = 0.25,
         seed: int = 0,
         pin_memory: bool = False,
         min_size: int = 1,
+        *,
+        samples_per_insert: float = 0.0,
+        spi_tolerance: float = 65_536.0,
+        rate_limit_poll_s: float = 0.01,
+        timeout: float = 5.0,
     ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
         self.urls = list(urls)
         self.batch_size = batch_size
         self.password = password
+        self.timeout = timeout
         self.index_refresh_s = index_refresh_s
-        self.pin_memory = pin_memory
-        # No batch is drawn before this many transitions are stored (Reverb's
-        # min_size_to_sample): early batches would repeat the first few segments.
+        # Pinned host memory only helps (and only exists) with CUDA.
+        self.pin_memory = bool(pin_memory and torch.cuda.is_available())
         self.min_size = max(1, min_size)
+        self.limiter = SampleToInsertRatio(samples_per_insert, self.min_size, spi_tolerance)
+        self.limiter.check_batch(batch_size)
+        self.rate_limit_poll_s = rate_limit_poll_s
         self._seed = seed
+        self._health = [ShardHealth(i, u, "replay sampler") for i, u in enumerate(self.urls)]
+        self._index_clients = [ShardClient(u, password, timeout) for u in self.urls]
         self._clients: dict[int, list[ShardClient]] = {}
-        self._index = [_ShardIndex() for _ in self.urls]
-        self._index_lock = threading.Lock()
-        self._refresh_lock = threading.Lock()  # one refresh at a time, or two threads mirror a segment twice
+        self._mirrors = [_Mirror() for _ in self.urls]
+        self._counters = [_ShardCounters() for _ in self.urls]
+        self._snap = self._build_snapshot()
+        self._lock = threading.Lock()  # counters
+        self._refresh_lock = threading.Lock()
         self._last_refresh = 0.0
+        self._reserved = 0  # transitions of batches in flight (rate limiter)
         self._rng = np.random.default_rng(seed)
-        self.corrupt_total = 0
-        self.missing_total = 0
-        self.sampled_total = 0
+        self._bad_log = _LogOnce()
         self.wait_seconds_total = 0.0
+        self.rate_limit_wait_seconds_total = 0.0
+        self._check_start()
         self._stop = threading.Event()
         self._queue: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=max(1, prefetch))
         self._threads: list[threading.Thread] = []
         if prefetch > 0:
-            for i in range(threads):
+            for i in range(max(1, threads)):
                 th = threading.Thread(target=self._worker, args=(i,), name=f"replay-sampler-{i}", daemon=True)
                 th.start()
                 self._threads.append(th)
 
+    def _check_start(self) -> None:
+        """A wrong password is a clear error now; an unreachable shard is skipped unless all are."""
+        for client, health in zip(self._index_clients, self._health, strict=True):
+            try:
+                client.ping()
+            except ShardAuthError:
+                self._close_clients()
+                raise
+            except ShardUnavailable as exc:
+                health.failed(exc)
+        if not any(h.up for h in self._health):
+            self._close_clients()
+            raise ShardUnavailable(f"no replay shard is reachable: {', '.join(h.url for h in self._health)}")
+
     # ----- index -------------------------------------------------------------------------
 
     def _client(self, shard: int, worker: int) -> ShardClient:
-        per_worker = self._clients.setdefault(worker, [])
-        if not per_worker:
-            per_worker.extend(ShardClient(u, self.password) for u in self.urls)
+        per_worker = self._clients.get(worker)
+        if per_worker is None:
+            per_worker = self._clients[worker] = [ShardClient(u, self.password, self.timeout) for u in self.urls]
         return per_worker[shard]
 
-    def refresh_index(self, worker: int = -1) -> int:
+    def refresh_index(self) -> int:
         """Bring the local mirror up to date; returns the total transitions stored."""
         with self._refresh_lock:
-            self._refresh_index(worker)
+            for i in range(len(self.urls)):
+                self._refresh_shard(i)
+            self._snap = self._build_snapshot()
+            self._last_refresh = time.monotonic()
         return self.size
 
-    def _refresh_index(self, worker: int) -> None:
-        for i in range(len(self.urls)):
-            client = self._client(i, worker)
+    def _maybe_refresh(self) -> None:
+        if time.monotonic() - self._last_refresh >= self.index_refresh_s and self._refresh_lock.acquire(blocking=False):
+            try:
+                for i in range(len(self.urls)):
+                    self._refresh_shard(i)
+                self._snap = self._build_snapshot()
+                self._last_refresh = time.monotonic()
+            finally:
+                self._refresh_lock.release()
+
+    def _shard_lost(self, i: int, exc: BaseException) -> None:
+        self._health[i].failed(exc)
+        # Its data is unreachable: sample uniformly over what is left.
+        self._mirrors[i] = _Mirror()
+
+    def _refresh_shard(self, i: int) -> None:
+        health = self._health[i]
+        if not health.available():
+            return
+        client = self._index_clients[i]
+        try:
             stats = client.stats()
-            with self._index_lock:
-                idx = self._index[i]
-                if stats.next < idx.next_seq:
-                    # The shard restarted empty: start the mirror over.
-                    idx = self._index[i] = _ShardIndex()
-                start = idx.next_seq
-            new = list(range(max(start + 1, stats.head), stats.next + 1))
+            health.succeeded()
+            self._update_stats(i, stats)
+            m = self._mirrors[i]
+            if stats.epoch != m.epoch:
+                if m.epoch:
+                    with self._lock:
+                        self._counters[i].restarts_total += 1
+                    log.warning("replay shard %d restarted empty (new epoch %s); its mirror starts over",
+                                i, stats.epoch)
+                m = self._mirrors[i] = _Mirror(epoch=stats.epoch)
+            m.drop_before(stats.head)
+            new = list(range(max(m.next_seq + 1, stats.head), stats.next + 1))
+            if not new:
+                return
             lengths = client.lengths(new)
-            keep = [(s, n) for s, n in zip(new, lengths, strict=True) if n is not None]
-            with self._index_lock:
-                alive = idx.seqs >= stats.head
-                idx.seqs = np.concatenate([idx.seqs[alive], np.array([s for s, _ in keep], np.int64)])
-                idx.lengths = np.concatenate([idx.lengths[alive], np.array([n for _, n in keep], np.int64)])
-                idx.next_seq = max(idx.next_seq, stats.next)
-        self._last_refresh = time.monotonic()
+            live = [(s, n) for s, n in zip(new, lengths, strict=True) if n is not None]
+            heads = client.indexes(m.epoch, [s for s, _ in live], [n for _, n in live]) if live else []
+        except ShardUnavailable as exc:
+            self._shard_lost(i, exc)
+            return
+        except ShardAuthError as exc:
+            self._shard_lost(i, exc)
+            return
+        seqs, lens, uoffs, codecs, tabs = [], [], [], [], []
+        for (s, n), data in zip(live, heads, strict=True):
+            if data == b"":
+                continue  # evicted since HMGET
+            try:
+                if not isinstance(data, bytes):
+                    raise CorruptSegmentError(f"GETRANGE answered {data!r:.100}")
+                codec_id, t, uoff, _, table = parse_index(data)
+                if t != n:
+                    raise CorruptSegmentError(f"index says {t} transitions, the shard's length hash says {n}")
+            except CorruptSegmentError as exc:
+                with self._lock:
+                    self._counters[i].corrupt_total += 1
+                    count = self._counters[i].corrupt_total
+                self._bad_log.warn(i, "corrupt segment index", count, f"seq {s}: {exc}")
+                continue
+            seqs.append(s)
+            lens.append(t)
+            uoffs.append(uoff)
+            codecs.append(codec_id)
+            tabs.append(table)
+        m.next_seq = max(m.next_seq, stats.next)
+        if seqs:
+            base = len(m.tab) + np.concatenate([[0], np.cumsum([len(tb) for tb in tabs])[:-1]])
+            m.seqs = np.concatenate([m.seqs, np.asarray(seqs, np.int64)])
+            m.lengths = np.concatenate([m.lengths, np.asarray(lens, np.int64)])
+            m.uoff = np.concatenate([m.uoff, np.asarray(uoffs, np.int64)])
+            m.codec = np.concatenate([m.codec, np.asarray(codecs, np.uint8)])
+            m.tab_base = np.concatenate([m.tab_base, base.astype(np.int64)])
+            m.tab = np.concatenate([m.tab, *tabs])
+
+    def _update_stats(self, i: int, stats: ShardStats) -> None:
+        with self._lock:
+            c = self._counters[i]
+            c.stats = stats
+            now = time.monotonic()
+            if c.rate_t == 0.0:
+                c.rate_t, c.rate_inserted, c.rate_sampled = now, stats.inserted_total, c.sampled_total
+            elif now - c.rate_t >= 1.0:
+                dt = now - c.rate_t
+                c.inserts_per_s = max(0, stats.inserted_total - c.rate_inserted) / dt
+                c.sampled_per_s = (c.sampled_total - c.rate_sampled) / dt
+                c.rate_t, c.rate_inserted, c.rate_sampled = now, stats.inserted_total, c.sampled_total
+
+    def _build_snapshot(self) -> _Snapshot:
+        ms = self._mirrors
+        lengths = np.concatenate([m.lengths for m in ms])
+        ends = np.cumsum(lengths)
+        tab_offsets = np.cumsum([0] + [len(m.tab) for m in ms[:-1]])
+        return _Snapshot(
+            shard=np.concatenate([np.full(len(m.seqs), i, np.int64) for i, m in enumerate(ms)]),
+            seqs=np.concatenate([m.seqs for m in ms]),
+            starts=ends - lengths,
+            ends=ends,
+            uoff=np.concatenate([m.uoff for m in ms]),
+            codec=np.concatenate([m.codec for m in ms]),
+            tab_base=np.concatenate([m.tab_base + off for m, off in zip(ms, tab_offsets, strict=True)]),
+            tab=np.concatenate([m.tab for m in ms]),
+            epochs=tuple(m.epoch for m in ms),
+        )
 
     @property
     def size(self) -> int:
-        with self._index_lock:
-            return sum(idx.size for idx in self._index)
-
-    def _snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(shard of each segment, seq, length, cumulative end) over all shards."""
-        with self._index_lock:
-            shard = np.concatenate([np.full(len(idx.seqs), i, np.int64) for i, idx in enumerate(self._index)])
-            seqs = np.concatenate([idx.seqs for idx in self._index])
-            lengths = np.concatenate([idx.lengths for idx in self._index])
-        return shard, seqs, lengths, np.cumsum(lengths)
+        return self._snap.total
 
     # ----- sampling ----------------------------------------------------------------------
 
     def sample_locations(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Draw ``n`` transitions uniformly: returns (shard, seq, step) arrays."""
-        shard, seqs, _, ends = self._snapshot()
-        if len(ends) == 0 or ends[-1] == 0:
-            raise SampleError("replay is empty")
-        g = rng.integers(0, ends[-1], size=n)
-        seg = np.searchsorted(ends, g, side="right")
-        starts = ends[seg] - (ends - np.concatenate([[0], ends[:-1]]))[seg]
-        return shard[seg], seqs[seg], g - starts
+        snap = self._snap
+        seg, t = self._draw(snap, n, rng)
+        return snap.shard[seg], snap.seqs[seg], t
+
+    @staticmethod
+    def _draw(snap: _Snapshot, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if snap.total == 0:
+            raise SampleError("replay is empty (or every shard is unreachable)")
+        g = rng.integers(0, snap.total, size=n)
+        seg = np.searchsorted(snap.ends, g, side="right")
+        return seg, g - snap.starts[seg]
+
+    def _rate_totals(self) -> tuple[int, int]:
+        live = [c for c, h in zip(self._counters, self._health, strict=True) if h.up]
+        inserted = sum(c.stats.inserted_total for c in live)
+        sampled = sum(c.stats.sampled_total + c.unreported for c in live) + self._reserved
+        return inserted, sampled
+
+    def _acquire(self, n: int) -> bool:
+        """Reserve ``n`` samples under the rate limiter; False when stopping."""
+        if not self.limiter.enabled:
+            return True
+        start = time.perf_counter()
+        waited = False
+        while True:
+            with self._lock:
+                if self.limiter.can_sample(*self._rate_totals(), n):
+                    self._reserved += n
+                    if waited:
+                        self.rate_limit_wait_seconds_total += time.perf_counter() - start
+                    return True
+            waited = True
+            if self._threads and self._stop.wait(self.rate_limit_poll_s):
+                return False
+            if not self._threads:
+                time.sleep(self.rate_limit_poll_s)
+            self._refresh_counters()
+
+    def _refresh_counters(self) -> None:
+        for i, (client, health) in enumerate(zip(self._index_clients, self._health, strict=True)):
+            if not health.available():
+                continue
+            try:
+                stats = client.stats()
+            except (ShardUnavailable, ShardAuthError) as exc:
+                self._shard_lost(i, exc)
+                continue
+            if stats.epoch != self._mirrors[i].epoch:
+                self._last_refresh = 0.0  # restarted: the next batch refreshes the mirror
+            health.succeeded()
+            self._update_stats(i, stats)
 
     def sample_batch(self, rng: np.random.Generator | None = None, worker: int = -1) -> Batch:
         """Fetch and decode one batch on the calling thread."""
         rng = rng or self._rng
-        if time.monotonic() - self._last_refresh >= self.index_refresh_s or self.size == 0:
-            self.refresh_index(worker)
+        self._maybe_refresh()
+        if self.size == 0:
+            self.refresh_index()
         b = self.batch_size
-        frames = np.empty((b, STACK + 1, *FRAME_SHAPE), dtype=np.uint8)
-        vector = np.empty((b, VECTOR_DIM), np.float32)
-        next_vector = np.empty((b, VECTOR_DIM), np.float32)
-        action = np.empty((b, ACTION_DIM), np.float32)
-        reward = np.empty(b, np.float32)
-        terminated = np.empty(b, np.float32)
-        version = np.empty(b, np.int64)
+        if not self._acquire(b):
+            raise SampleError("sampler is closing")
+        try:
+            frames, recs = self._fetch(b, rng, worker)
+        finally:
+            with self._lock:
+                self._reserved -= b if self.limiter.enabled else 0
+        image = torch.empty((b, STACK, *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
+        next_image = torch.empty((b, STACK, *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
+        np.copyto(image.numpy(), frames[:, :STACK])
+        np.copyto(next_image.numpy(), frames[:, 1:])
+        r0 = recs[:, 0]
+        small = {
+            "vector": np.ascontiguousarray(r0["vector"], np.float32),
+            "action": np.ascontiguousarray(r0["action"], np.float32),
+            "reward": np.ascontiguousarray(r0["reward"], np.float32),
+            "next_vector": np.ascontiguousarray(recs[:, 1]["vector"], np.float32),
+            "terminated": (r0["flags"] & TERMINATED).astype(np.float32),
+            "policy_version": r0["version"].astype(np.int64),
+        }
+        tensors = {k: torch.from_numpy(v) for k, v in small.items()}
+        if self.pin_memory:
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        return Batch(image=image, next_image=next_image, **tensors)
+
+    def _fetch(self, b: int, rng: np.random.Generator, worker: int) -> tuple[np.ndarray, np.ndarray]:
+        """Draw, fetch and decode ``b`` transitions; redraws the ones that fail."""
+        frames = np.empty((b, SPAN, *FRAME_SHAPE), np.uint8)
+        recs = np.empty((b, 2), RECORD_DTYPE)
         todo = np.arange(b)
-        for _attempt in range(8):
+        for _attempt in range(_MAX_ATTEMPTS):
+            snap = self._snap
+            seg, t = self._draw(snap, len(todo), rng)
+            shard = snap.shard[seg]
+            offs = snap.tab[(snap.tab_base[seg] + t)[:, None] + _ARANGE_OFFS]
+            starts = snap.uoff[seg] + offs[:, 0]
+            stops = snap.uoff[seg] + offs[:, -1]
+            replies: list[object] = [None] * len(todo)
+            sent: list[tuple[int, np.ndarray, int, int]] = []
+            for s in np.unique(shard).tolist():
+                rows = np.flatnonzero(shard == s)
+                with self._lock:
+                    report, self._counters[s].unreported = self._counters[s].unreported, 0
+                try:
+                    client = self._client(s, worker)
+                    count = client.fetch_send(
+                        snap.epochs[s], snap.seqs[seg[rows]].tolist(), starts[rows].tolist(), stops[rows].tolist(),
+                        report,
+                    )
+                    sent.append((s, rows, count, report))
+                except (ShardUnavailable, ShardAuthError) as exc:
+                    self._shard_lost(s, exc)
+            for s, rows, count, report in sent:
+                try:
+                    got, stats = self._client(s, worker).fetch_recv(count, report)
+                except (ShardUnavailable, ShardAuthError) as exc:
+                    self._shard_lost(s, exc)
+                    continue
+                self._health[s].succeeded()
+                self._update_stats(s, stats)
+                for r, v in zip(rows.tolist(), got, strict=True):
+                    replies[r] = v
+            if len(todo) == b:  # first attempt: decode straight into the batch
+                ok = decode_batch(snap.codec[seg], replies, offs, frames, recs)
+            else:
+                f_out = np.empty((len(todo), SPAN, *FRAME_SHAPE), np.uint8)
+                r_out = np.empty((len(todo), 2), RECORD_DTYPE)
+                ok = decode_batch(snap.codec[seg], replies, offs, f_out, r_out)
+                frames[todo[ok]] = f_out[ok]
+                recs[todo[ok]] = r_out[ok]
+            self._count_outcomes(shard, ok, replies, snap.seqs[seg])
+            todo = todo[~ok]
             if len(todo) == 0:
+                return frames, recs
+            self.refresh_index()
+            if self.size == 0:
                 break
-            shards, seqs, steps = self.sample_locations(len(todo), rng)
-            failed: list[int] = []
-            for s in np.unique(shards):
-                rows = np.flatnonzero(shards == s)
-                replies = self._client(int(s), worker).fetch(seqs[rows].tolist(), steps[rows].tolist())
-                for row, reply in zip(rows, replies, strict=True):
-                    slot = int(todo[row])
-                    if not isinstance(reply, list):
-                        if reply == 0:
-                            self.missing_total += 1
-                        else:
-                            self.corrupt_total += 1
-                        failed.append(slot)
-                        continue
-                    try:
-                        recs = decode_transition_parts(int(reply[0]), reply[1], reply[2], reply[3], frames[slot])
-                    except CorruptSegmentError as exc:
-                        self.corrupt_total += 1
-                        log.warning("skipping corrupt replay value in shard %d seq %d: %s", s, seqs[row], exc)
-                        failed.append(slot)
-                        continue
-                    vector[slot] = recs["vector"][0]
-                    next_vector[slot] = recs["vector"][1]
-                    action[slot] = recs["action"][0]
-                    reward[slot] = recs["reward"][0]
-                    terminated[slot] = float(recs["flags"][0] & TERMINATED)
-                    version[slot] = recs["version"][0]
-            todo = np.array(failed, dtype=np.int64)
-            if len(todo):
-                self.refresh_index(worker)
-        if len(todo):
-            raise SampleError(f"{len(todo)} of {b} transitions could not be fetched after 8 attempts")
-        self.sampled_total += b
-        obs = np.ascontiguousarray(frames[:, :STACK])
-        nxt = np.ascontiguousarray(frames[:, 1:])
-        batch = Batch(
-            image=torch.from_numpy(obs),
-            vector=torch.from_numpy(vector),
-            action=torch.from_numpy(action),
-            reward=torch.from_numpy(reward),
-            next_image=torch.from_numpy(nxt),
-            next_vector=torch.from_numpy(next_vector),
-            terminated=torch.from_numpy(terminated),
-            policy_version=torch.from_numpy(version),
-        )
-        assert batch.image.shape[1:] == IMAGE_SHAPE
-        return batch.pin_memory() if self.pin_memory else batch
+        raise SampleError(f"{len(todo)} of {b} transitions could not be fetched after {_MAX_ATTEMPTS} attempts")
+
+    def _count_outcomes(self, shard: np.ndarray, ok: np.ndarray, replies: list[object], seqs: np.ndarray) -> None:
+        with self._lock:
+            for s in np.unique(shard).tolist():
+                rows = shard == s
+                c = self._counters[s]
+                good = int((rows & ok).sum())
+                c.sampled_total += good
+                c.unreported += good
+        for r in np.flatnonzero(~ok).tolist():
+            s = int(shard[r])
+            reply = replies[r]
+            if reply is None:
+                continue  # the shard failed: counted as a loss already
+            with self._lock:
+                c = self._counters[s]
+                if reply == b"":
+                    c.missing_total += 1  # evicted since the mirror saw it: normal under FIFO
+                    continue
+                c.corrupt_total += 1
+                count = c.corrupt_total
+            self._bad_log.warn(s, "corrupt transition", count, f"seq {int(seqs[r])}: {str(reply)[:80]!r}")
+
+    # ----- background threads ------------------------------------------------------------
 
     def _worker(self, worker: int) -> None:
         rng = np.random.default_rng([self._seed, worker + 1])
         while not self._stop.is_set():
             try:
                 if self.size < self.min_size:
-                    self.refresh_index(worker)
+                    self.refresh_index()
                     if self.size < self.min_size:
                         self._stop.wait(0.05)
                         continue
                 batch = self.sample_batch(rng, worker)
-            except Exception as exc:  # hand the failure to the consumer instead of dying silently
+            except SampleError:
+                # Every shard empty or gone for the moment: never the end of the run.
+                self._stop.wait(0.05)
+                continue
+            except Exception as exc:  # a bug: hand it to the consumer instead of dying silently
                 log.exception("replay sampler thread %d failed", worker)
                 self._put(exc)
                 return
-            self._put(batch, worker)
+            self._put(batch)
 
-    def _put(self, item: Batch | BaseException, worker: int = -1) -> None:
+    def _put(self, item: Batch | BaseException) -> None:
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
                 return
             except queue.Full:
-                # Keep the size the learner sees current while the queue is full.
-                if time.monotonic() - self._last_refresh >= self.index_refresh_s:
-                    self.refresh_index(worker)
+                # Keep the size and the metrics the learner sees current while the queue is full.
+                self._maybe_refresh()
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -259,23 +538,66 @@ class ReplaySampler:
             raise SampleError(f"replay sampler failed: {item}") from item
         return item
 
-    def metrics(self) -> dict[str, float]:
-        return {
-            "replay_sampler/size": self.size,
-            "replay_sampler/sampled_transitions_total": self.sampled_total,
-            "replay_sampler/corrupt_total": self.corrupt_total,
-            "replay_sampler/missing_total": self.missing_total,
-            "replay_sampler/wait_seconds_total": self.wait_seconds_total,
-            "replay_sampler/ready_batches": self._queue.qsize(),
-        }
+    # ----- reporting ---------------------------------------------------------------------
 
-    def close(self) -> None:
-        self._stop.set()
-        for th in self._threads:
-            th.join(timeout=5)
+    def metrics(self) -> dict[str, float]:
+        with self._lock:
+            counters = [
+                (c.stats, c.sampled_total, c.corrupt_total, c.missing_total, c.restarts_total, c.inserts_per_s,
+                 c.sampled_per_s)
+                for c in self._counters
+            ]
+        out: dict[str, float] = {
+            "replay_sampler/size": self.size,
+            "replay_sampler/sampled_transitions_total": sum(c[1] for c in counters),
+            "replay_sampler/sampled_per_s": sum(c[6] for c in counters),
+            "replay_sampler/corrupt_total": sum(c[2] for c in counters),
+            "replay_sampler/missing_total": sum(c[3] for c in counters),
+            "replay_sampler/wait_seconds_total": self.wait_seconds_total,
+            "replay_sampler/rate_limit_wait_seconds_total": self.rate_limit_wait_seconds_total,
+            "replay_sampler/ready_batches": self._queue.qsize(),
+            "replay_sampler/shards_up": sum(h.up for h in self._health),
+        }
+        for i, ((stats, sampled, corrupt, missing, restarts, ins_s, smp_s), h) in enumerate(
+            zip(counters, self._health, strict=True)
+        ):
+            p = f"replay_sampler/shard{i}/"
+            out[p + "up"] = float(h.up)
+            out[p + "transitions_stored"] = stats.size if h.up else 0
+            out[p + "bytes_stored"] = stats.bytes if h.up else 0
+            out[p + "inserted_transitions"] = stats.inserted_total
+            out[p + "evicted_transitions"] = stats.evicted_total
+            out[p + "inserts_per_s"] = ins_s
+            out[p + "sampled_transitions_total"] = sampled
+            out[p + "sampled_per_s"] = smp_s
+            out[p + "corrupt_total"] = corrupt
+            out[p + "missing_total"] = missing
+            out[p + "lost_total"] = h.lost_total
+            out[p + "reconnects_total"] = h.reconnects_total
+            out[p + "restarts_total"] = restarts
+        return out
+
+    def _close_clients(self) -> None:
+        for c in self._index_clients:
+            c.close()
         for clients in self._clients.values():
             for c in clients:
                 c.close()
+
+    def close(self) -> None:
+        if hasattr(self, "_stop"):
+            self._stop.set()
+            for th in self._threads:
+                th.join(timeout=5)
+        # Hand the samples not yet reported to the shards, so writers' limiters see them.
+        for i, c in enumerate(self._counters):
+            if c.unreported and self._health[i].up:
+                try:
+                    self._index_clients[i].report_sampled(c.unreported)
+                    c.unreported = 0
+                except (ShardUnavailable, ShardAuthError):
+                    pass
+        self._close_clients()
 
     def __enter__(self) -> ReplaySampler:
         return self

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from common.schema import Segment
 from replay_service.codec import FrameCodec, encode_segment
-from replay_service.shards import ShardClient
+from replay_service.ratelimit import SampleToInsertRatio
+from replay_service.shards import ShardAuthError, ShardClient, ShardHealth, ShardUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _ShardCounters:
+    segments_total: int = 0
+    transitions_total: int = 0
+    bytes_total: int = 0
+    evicted_total: int = 0
+    stored: int = 0  # transitions in the shard after our last insert
+    inserted_all: int = 0  # the shard's inserted_total (every writer), for the rate limiter
+    sampled_all: int = 0  # the shard's sampled_total, for the rate limiter
 
 
 class ReplayWriter:
@@ -15,50 +32,176 @@ class ReplayWriter:
     so nothing half-written can enter replay.
 
     Shards are chosen round-robin, starting at an offset per writer so that writers spread
-    over shards from their first segment on.
+    over shards from their first segment on. A shard that fails is skipped (its share goes to
+    the others) and retried with backoff; when every shard is down the segment is dropped and
+    counted, the collector keeps running (DESIGN.md: a lost shard costs its data, never the run).
+
+    With ``samples_per_insert > 0``, :meth:`write` waits while the collectors are more than the
+    tolerance ahead of the learner (see ratelimit.py).
     """
 
     def __init__(
         self,
         urls: Sequence[str],
         capacity: int,
-        codec: str = "lz4",
+        codec: str = "zstd",
         password: str = "",
         writer_id: int = 0,
+        *,
+        samples_per_insert: float = 0.0,
+        spi_tolerance: float = 65_536.0,
+        min_size_to_sample: int = 1,
+        rate_limit_poll_s: float = 0.02,
+        timeout: float = 5.0,
     ) -> None:
         if not urls:
             raise ValueError("ReplayWriter needs at least one shard URL")
-        self.shards = [ShardClient(u, password) for u in urls]
+        self.shards = [ShardClient(u, password, timeout) for u in urls]
+        self.health = [ShardHealth(i, u, f"replay writer {writer_id}") for i, u in enumerate(urls)]
         # Each shard holds an equal share; uniform sampling weights shards by their size.
         self.capacity_per_shard = max(1, capacity // len(self.shards))
         self.codec = FrameCodec(codec)
+        self.limiter = SampleToInsertRatio(samples_per_insert, max(1, min_size_to_sample), spi_tolerance)
+        self.rate_limit_poll_s = rate_limit_poll_s
+        # Adopted by a shard that has no epoch yet (fresh or restarted empty): see insert.lua.
+        self._epoch = os.urandom(8).hex()
         self._next = writer_id % len(self.shards)
-        self.segments_total = 0
-        self.transitions_total = 0
-        self.bytes_total = 0
-        self.evicted_total = 0
+        self._counters = [_ShardCounters() for _ in self.shards]
+        self.dropped_segments_total = 0
+        self.dropped_transitions_total = 0
         self.insert_seconds_total = 0.0
+        self.rate_limit_wait_seconds_total = 0.0
+        self.rate_limited_total = 0
+        self._rate_t = time.monotonic()
+        self._rate_n = 0
+        self._check_start()
+
+    def _check_start(self) -> None:
+        """A wrong password is a clear error now; an unreachable shard is skipped unless all are."""
+        for client, health in zip(self.shards, self.health, strict=True):
+            try:
+                client.ping()
+            except ShardAuthError:
+                self.close()
+                raise
+            except ShardUnavailable as exc:
+                health.failed(exc)
+        if not any(h.up for h in self.health):
+            self.close()
+            raise ShardUnavailable(f"no replay shard is reachable: {', '.join(h.url for h in self.health)}")
+
+    # ----- rate limiting ---------------------------------------------------------------------
+
+    def _totals(self) -> tuple[int, int]:
+        live = [c for c, h in zip(self._counters, self.health, strict=True) if h.up]
+        return sum(c.inserted_all for c in live), sum(c.sampled_all for c in live)
+
+    def _refresh_counters(self) -> None:
+        for i, (client, health) in enumerate(zip(self.shards, self.health, strict=True)):
+            if not health.available():
+                continue
+            try:
+                stats = client.stats()
+            except ShardUnavailable as exc:
+                health.failed(exc)
+                continue
+            health.succeeded()
+            self._counters[i].inserted_all = stats.inserted_total
+            self._counters[i].sampled_all = stats.sampled_total
+
+    def _wait_for_learner(self) -> None:
+        if not self.limiter.enabled or self.limiter.can_insert(*self._totals()):
+            return
+        self.rate_limited_total += 1
+        start = time.perf_counter()
+        while True:
+            self._refresh_counters()
+            if self.limiter.can_insert(*self._totals()) or not any(h.up for h in self.health):
+                break
+            time.sleep(self.rate_limit_poll_s)
+        self.rate_limit_wait_seconds_total += time.perf_counter() - start
+
+    # ----- writing ---------------------------------------------------------------------------
 
     def write(self, segment: Segment) -> None:
         blob = encode_segment(segment, self.codec)
-        shard = self.shards[self._next]
-        self._next = (self._next + 1) % len(self.shards)
-        start = time.perf_counter()
-        _, _, evicted = shard.insert(blob, segment.num_transitions, self.capacity_per_shard)
-        self.insert_seconds_total += time.perf_counter() - start
-        self.segments_total += 1
-        self.transitions_total += segment.num_transitions
-        self.bytes_total += len(blob)
-        self.evicted_total += evicted
+        self._wait_for_learner()
+        n = len(self.shards)
+        for k in range(n):
+            i = (self._next + k) % n
+            if not self.health[i].available():
+                continue
+            start = time.perf_counter()
+            try:
+                res = self.shards[i].insert(blob, segment.num_transitions, self.capacity_per_shard, self._epoch)
+            except ShardUnavailable as exc:
+                self.health[i].failed(exc)
+                continue
+            except ShardAuthError as exc:  # e.g. a shard restarted with another password
+                self.health[i].failed(exc)
+                continue
+            self.insert_seconds_total += time.perf_counter() - start
+            self.health[i].succeeded()
+            self._next = (i + 1) % n
+            c = self._counters[i]
+            c.segments_total += 1
+            c.transitions_total += segment.num_transitions
+            c.bytes_total += len(blob)
+            c.evicted_total += res.evicted
+            c.stored = res.size
+            c.inserted_all = res.inserted_total
+            c.sampled_all = res.sampled_total
+            self._rate_n += segment.num_transitions
+            return
+        self.dropped_segments_total += 1
+        self.dropped_transitions_total += segment.num_transitions
+
+    # ----- reporting -------------------------------------------------------------------------
+
+    @property
+    def segments_total(self) -> int:
+        return sum(c.segments_total for c in self._counters)
+
+    @property
+    def transitions_total(self) -> int:
+        return sum(c.transitions_total for c in self._counters)
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(c.bytes_total for c in self._counters)
+
+    @property
+    def evicted_total(self) -> int:
+        return sum(c.evicted_total for c in self._counters)
 
     def metrics(self) -> dict[str, float]:
-        return {
+        now = time.monotonic()
+        rate = self._rate_n / max(1e-9, now - self._rate_t)
+        self._rate_t, self._rate_n = now, 0
+        out: dict[str, float] = {
             "replay_writer/segments_total": self.segments_total,
             "replay_writer/transitions_total": self.transitions_total,
             "replay_writer/bytes_total": self.bytes_total,
             "replay_writer/evicted_transitions_total": self.evicted_total,
             "replay_writer/insert_seconds_total": self.insert_seconds_total,
+            "replay_writer/inserts_per_s": rate,
+            "replay_writer/dropped_segments_total": self.dropped_segments_total,
+            "replay_writer/dropped_transitions_total": self.dropped_transitions_total,
+            "replay_writer/rate_limit_wait_seconds_total": self.rate_limit_wait_seconds_total,
+            "replay_writer/rate_limited_total": self.rate_limited_total,
+            "replay_writer/shards_up": sum(h.up for h in self.health),
         }
+        for i, (c, h) in enumerate(zip(self._counters, self.health, strict=True)):
+            p = f"replay_writer/shard{i}/"
+            out[p + "up"] = float(h.up)
+            out[p + "segments_total"] = c.segments_total
+            out[p + "transitions_total"] = c.transitions_total
+            out[p + "bytes_total"] = c.bytes_total
+            out[p + "evicted_transitions_total"] = c.evicted_total
+            out[p + "transitions_stored"] = c.stored
+            out[p + "lost_total"] = h.lost_total
+            out[p + "reconnects_total"] = h.reconnects_total
+        return out
 
     def close(self) -> None:
         for s in self.shards:

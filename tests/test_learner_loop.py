@@ -89,7 +89,10 @@ def test_publishes_versions_and_weights_load_into_an_actor(tmp_path: Path) -> No
         "learner/critic_grad_norm_clipped",
     ):
         assert key in metrics
-    msg = message_from_bytes(learner.weights(newer_than=0) or b"")
+    learner.flush()  # weights are encoded in the background
+    published = learner.weights(newer_than=0)
+    assert published is not None and published[0] == 3
+    msg = message_from_bytes(published[1])
     assert msg.version == 3
     assert learner.weights(newer_than=3) is None
     actor = Actor("nature", 8)
@@ -104,7 +107,8 @@ def test_publishes_versions_and_weights_load_into_an_actor(tmp_path: Path) -> No
 
 def test_checkpoints_are_written_pruned_and_load_weights_only(tmp_path: Path) -> None:
     learner = _learner(tmp_path)
-    learner.train(9)  # checkpoints at updates 4 and 8
+    learner.train(9)  # checkpoints at updates 4 and 8, written in the background
+    learner.flush()
     found = list_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in found] == ["ckpt-0000000004", "ckpt-0000000008"]
     path = learner.checkpoint()  # a third one: the oldest is pruned (keep 2)

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import gymnasium as gym
 
-from common.config import EnvConfig
+from common.config import CarlaConfig, EnvConfig
 
 
-def make_env(config: EnvConfig) -> gym.Env:
-    """The simulator ``env.backend`` names."""
+def make_env(config: EnvConfig, carla: CarlaConfig | None = None, *, index: int = 0) -> gym.Env:
+    """The simulator ``env.backend`` names. ``carla`` is the run's ``carla.*`` section and
+    ``index`` the collector's id (which attached server it uses); both only matter for CARLA."""
     if config.backend == "embedded":
         from actors.envs.embedded import EmbeddedDrivingEnv
 
         return EmbeddedDrivingEnv(config)
-    raise ValueError(f"env.backend={config.backend!r}: allowed: 'embedded'")
+    if config.backend == "carla":
+        from actors.envs.carla_env import CarlaDrivingEnv
+
+        carla = carla or CarlaConfig()
+        if carla.stand_in:
+            from actors.carla.fake import FakeCarla, FakeServerHandle
+
+            fake = FakeCarla()
+            server = FakeServerHandle(fake, port=carla.port + 4 * index, recycle_episodes=carla.recycle_episodes)
+            return CarlaDrivingEnv(config, carla, server=server, api=fake, index=index)
+        return CarlaDrivingEnv(config, carla, index=index)
+    raise ValueError(f"env.backend={config.backend!r}: allowed: 'embedded', 'carla'")
 
 
 gym.register(id="convoy/EmbeddedDriving-v0", entry_point="actors.envs.embedded:EmbeddedDrivingEnv")

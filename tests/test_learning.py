@@ -1,0 +1,120 @@
+"""The real learner classes learn: TD3 on gymnasium's Pendulum-v1 (vector-only networks).
+
+Budget: 12,000 env steps, one update per step after 1,000 random steps; about two
+minutes on a 2-core CPU. Well-tuned TD3 reaches about -150 on Pendulum; the bar is -400.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from common.config import load_config
+from common.schema import Batch
+from learner.loop import Learner
+
+pytestmark = pytest.mark.learning
+
+ENV_STEPS = 12_000
+START_STEPS = 1_000
+EVAL_EPISODES = 10
+THRESHOLD = -400.0
+
+
+class VectorReplay:
+    """Minimal uniform in-memory replay for vector observations (a BatchSource)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, batch_size: int, seed: int = 0) -> None:
+        self.obs = np.zeros((capacity, obs_dim), np.float32)
+        self.next_obs = np.zeros((capacity, obs_dim), np.float32)
+        self.act = np.zeros((capacity, act_dim), np.float32)
+        self.rew = np.zeros(capacity, np.float32)
+        self.term = np.zeros(capacity, np.float32)
+        self.n = 0
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+        self._no_image = torch.zeros((batch_size, 1, 1, 1), dtype=torch.uint8)
+
+    def add(self, o: np.ndarray, a: np.ndarray, r: float, o2: np.ndarray, terminated: bool) -> None:
+        i = self.n % self.capacity
+        self.obs[i], self.act[i], self.rew[i], self.next_obs[i], self.term[i] = o, a, r, o2, float(terminated)
+        self.n += 1
+
+    @property
+    def size(self) -> int:
+        return min(self.n, self.capacity)
+
+    def __next__(self) -> Batch:
+        idx = self.rng.integers(0, self.size, self.batch_size)
+        return Batch(
+            image=self._no_image,
+            vector=torch.from_numpy(self.obs[idx]),
+            action=torch.from_numpy(self.act[idx]),
+            reward=torch.from_numpy(self.rew[idx]),
+            next_image=self._no_image,
+            next_vector=torch.from_numpy(self.next_obs[idx]),
+            terminated=torch.from_numpy(self.term[idx]),
+            policy_version=torch.zeros(self.batch_size, dtype=torch.int64),
+        )
+
+    def metrics(self) -> dict[str, float]:
+        return {"replay/size": self.size}
+
+    def close(self) -> None:
+        pass
+
+
+def _act(learner: Learner, obs: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return learner.agent.actor(torch.zeros((1, 1, 1, 1), dtype=torch.uint8), torch.from_numpy(obs)[None])[0].numpy()
+
+
+def test_td3_learns_pendulum(tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        [
+            "learner.encoder=none",
+            "learner.hidden_dim=256",
+            "learner.batch_size=256",
+            "learner.actor_lr=0.001",
+            "learner.critic_lr=0.001",
+            f"collector.start_steps={START_STEPS}",
+            "learner.publish_every=1000000",
+            "run.checkpoint_every_updates=1000000",
+            "run.seed=1",
+        ],
+    )
+    env = gym.make("Pendulum-v1")
+    replay = VectorReplay(ENV_STEPS, 3, 1, cfg.learner.batch_size, seed=1)
+    learner = Learner(cfg, replay, tmp_path, vector_dim=3, action_dim=1)
+    rng = np.random.default_rng(1)
+    obs, _ = env.reset(seed=1)
+    for step in range(ENV_STEPS):
+        if step < START_STEPS:
+            action = rng.uniform(-1, 1, 1).astype(np.float32)
+        else:
+            action = np.clip(_act(learner, obs.astype(np.float32)) + rng.normal(0, 0.1, 1), -1, 1).astype(np.float32)
+        next_obs, reward, terminated, truncated, _ = env.step(2.0 * action)  # Pendulum torque is in [-2, 2]
+        replay.add(obs, action, float(reward), next_obs, terminated)
+        learner.train(1)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+    assert learner.updates >= ENV_STEPS - START_STEPS - 1
+
+    returns = []
+    for ep in range(EVAL_EPISODES):
+        obs, _ = env.reset(seed=10_000 + ep)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(2.0 * _act(learner, obs.astype(np.float32)))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    mean_return = float(np.mean(returns))
+    print(f"Pendulum-v1 mean evaluation return after {ENV_STEPS} steps: {mean_return:.1f}")
+    assert mean_return > THRESHOLD, f"mean return {mean_return:.1f} after {ENV_STEPS} env steps"
+    learner.close()
