@@ -35,7 +35,9 @@ class CollectorActor:
         # with the other collectors and the learner for the node's cores.
         torch.set_num_threads(1)
         cfg = from_dict(config)
-        self.collector = Collector(cfg, collector_id, sink_factory(), lambda: make_env(cfg.env, cfg.carla, index=collector_id))
+        self.collector = Collector(
+            cfg, collector_id, sink_factory(), lambda: make_env(cfg.env, cfg.carla, index=collector_id)
+        )
         self.exporter = (
             MetricsExporter(cfg.run.metrics_host, labels={"component": "collector", "collector": str(collector_id)})
             if cfg.run.metrics

@@ -151,7 +151,8 @@ class ReplayConfig:
     password: str = _opt("", "Shard password (requirepass); empty for none.")
     redis_server: str = _opt("redis-server", "redis-server executable used to start shards.")
     codec: str = _opt(
-        "zstd", "Per-frame compression (zstd-6: ~2.5x smaller than lz4 on driving frames, see replay_service/codec.py).",
+        "zstd",
+        "Per-frame compression (zstd-6: ~4x smaller than lz4 on driving frames, see replay_service/codec.py).",
         choices=("lz4", "zstd", "none"),
     )
     prefetch_batches: int = _opt(4, "Ready batches the sampler keeps queued.", min=1)

@@ -236,6 +236,8 @@ class ReplaySampler:
         if not health.available():
             return
         client = self._index_clients[i]
+        if client.generation != health.generation:
+            client.reset(health.generation)
         try:
             stats = client.stats()
             health.succeeded()
@@ -362,16 +364,16 @@ class ReplaySampler:
                         self.rate_limit_wait_seconds_total += time.perf_counter() - start
                     return True
             waited = True
-            if self._threads and self._stop.wait(self.rate_limit_poll_s):
+            if self._stop.wait(self.rate_limit_poll_s):
                 return False
-            if not self._threads:
-                time.sleep(self.rate_limit_poll_s)
             self._refresh_counters()
 
     def _refresh_counters(self) -> None:
         for i, (client, health) in enumerate(zip(self._index_clients, self._health, strict=True)):
             if not health.available():
                 continue
+            if client.generation != health.generation:
+                client.reset(health.generation)
             try:
                 stats = client.stats()
             except (ShardUnavailable, ShardAuthError) as exc:
@@ -434,6 +436,8 @@ class ReplaySampler:
                     report, self._counters[s].unreported = self._counters[s].unreported, 0
                 try:
                     client = self._client(s, worker)
+                    if client.generation != self._health[s].generation:
+                        client.reset(self._health[s].generation)
                     count = client.fetch_send(
                         snap.epochs[s], snap.seqs[seg[rows]].tolist(), starts[rows].tolist(), stops[rows].tolist(),
                         report,
@@ -476,6 +480,7 @@ class ReplaySampler:
                 good = int((rows & ok).sum())
                 c.sampled_total += good
                 c.unreported += good
+        bad: dict[int, list[int]] = {}
         for r in np.flatnonzero(~ok).tolist():
             s = int(shard[r])
             reply = replies[r]
@@ -488,7 +493,20 @@ class ReplaySampler:
                     continue
                 c.corrupt_total += 1
                 count = c.corrupt_total
+            bad.setdefault(s, []).append(int(seqs[r]))
             self._bad_log.warn(s, "corrupt transition", count, f"seq {int(seqs[r])}: {str(reply)[:80]!r}")
+        if bad:
+            self._quarantine(bad)
+
+    def _quarantine(self, bad: dict[int, list[int]]) -> None:
+        """Stop drawing from segments that returned corrupt bytes (length 0 in the mirror)."""
+        with self._refresh_lock:
+            for s, seqs in bad.items():
+                m = self._mirrors[s]
+                hit = np.isin(m.seqs, seqs)
+                if hit.any():
+                    m.lengths = np.where(hit, 0, m.lengths)
+            self._snap = self._build_snapshot()
 
     # ----- background threads ------------------------------------------------------------
 

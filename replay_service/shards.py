@@ -416,6 +416,7 @@ class ShardHealth:
         self.component = component
         self.max_backoff_s = max_backoff_s
         self.up = True
+        self.generation = 0  # bumped on every failure: connections older than this are stale
         self.lost_total = 0
         self.reconnects_total = 0
         self._backoff = 0.0
@@ -428,6 +429,7 @@ class ShardHealth:
 
     def failed(self, exc: BaseException) -> None:
         with self._lock:
+            self.generation += 1
             self._backoff = min(self.max_backoff_s, max(0.2, self._backoff * 2))
             self._retry_at = time.monotonic() + self._backoff
             if self.up:
@@ -467,6 +469,15 @@ class ShardClient:
         self.redis = connect(url, password, timeout)
         self._insert = self.redis.register_script(_script("insert.lua"))
         self._raw: RespConnection | None = None
+        self.generation = 0  # the ShardHealth generation its connections belong to
+
+    def reset(self, generation: int) -> None:
+        """Drop connections made before a shard failure (they point at a dead or restarted server)."""
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+        self.redis.connection_pool.disconnect()
+        self.generation = generation
 
     def _fail(self, exc: BaseException) -> ShardError:
         if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):

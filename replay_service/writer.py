@@ -131,6 +131,8 @@ class ReplayWriter:
             i = (self._next + k) % n
             if not self.health[i].available():
                 continue
+            if self.shards[i].generation != self.health[i].generation:
+                self.shards[i].reset(self.health[i].generation)
             start = time.perf_counter()
             try:
                 res = self.shards[i].insert(blob, segment.num_transitions, self.capacity_per_shard, self._epoch)

@@ -146,13 +146,15 @@ def test_launch_command_has_offscreen_low_quality_ports_and_gpu(carla_root: Path
     assert "CUDA_VISIBLE_DEVICES" not in no_gpu.environment(block, {"CUDA_VISIBLE_DEVICES": ""})
 
 
-def test_find_launcher_picks_ue4_or_ue5_script_and_names_carla_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_find_launcher_picks_ue4_or_ue5_script_and_names_carla_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "CarlaUnreal.sh").write_text("#!/bin/sh\n")
     assert find_launcher(tmp_path).name == "CarlaUnreal.sh"
     monkeypatch.delenv("CARLA_ROOT", raising=False)
     with pytest.raises(SimulatorUnavailable, match="CARLA_ROOT"):
         find_launcher("")
-    with pytest.raises(SimulatorUnavailable, match="neither CarlaUE4.sh nor CarlaUnreal.sh"):
+    with pytest.raises(SimulatorUnavailable, match=r"neither CarlaUE4\.sh nor CarlaUnreal\.sh"):
         find_launcher(tmp_path / "nothing")
 
 
@@ -228,7 +230,9 @@ def test_start_waits_until_the_server_answers(manager_factory, record: Path, mon
     assert m.metrics()["simulator/launches_total"] == 1
 
 
-def test_a_server_that_never_answers_is_retried_with_backoff_then_given_up(manager_factory, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_server_that_never_answers_is_retried_with_backoff_then_given_up(
+    manager_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("FAKE_CARLA_MODE", "never_answer")
     m = manager_factory(start_timeout_s=0.5, probe_timeout_s=0.2, max_restarts=2)
     with pytest.raises(SimulatorUnavailable, match=r"3 consecutive failures .*did not answer") as err:
@@ -238,7 +242,9 @@ def test_a_server_that_never_answers_is_retried_with_backoff_then_given_up(manag
     assert m.counters.failed_launches_total == 3 and not m.alive()
 
 
-def test_restart_after_death_keeps_ports_backs_off_and_is_capped(manager_factory, record: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_restart_after_death_keeps_ports_backs_off_and_is_capped(
+    manager_factory, record: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("FAKE_CARLA_DIE_AFTER", "0.3")
     m = manager_factory(max_restarts=2)
     ep = m.start()
@@ -317,8 +323,12 @@ sys.stdin.read()
 
 def test_a_server_orphaned_by_a_killed_collector_is_reaped_by_the_next_lease(carla_root: Path, tmp_path: Path) -> None:
     base = _free_base()
-    code = _ORPHAN_SCRIPT.format(repo=str(REPO), launcher=str(carla_root / "CarlaUE4.sh"), lock_dir=str(tmp_path), base=base)
-    collector = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    code = _ORPHAN_SCRIPT.format(
+        repo=str(REPO), launcher=str(carla_root / "CarlaUE4.sh"), lock_dir=str(tmp_path), base=base
+    )
+    collector = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
     rpc, server_pgid = json.loads(collector.stdout.readline())  # type: ignore[union-attr]
     collector.kill()  # SIGKILL: no clean-up ran, the server lives on holding its ports
     collector.wait()
@@ -331,18 +341,32 @@ def test_a_server_orphaned_by_a_killed_collector_is_reaped_by_the_next_lease(car
         lease.release()
 
 
-def test_attached_server_uses_port_per_collector_and_a_local_traffic_manager_port(manager_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_attached_server_uses_port_per_collector_and_a_local_traffic_manager_port(
+    manager_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     m = manager_factory()
     ep = m.start()
     attached = AttachedServer(
-        "127.0.0.1", ep.rpc_port - 4, index=1, lock_dir=tmp_path / "locks", port_base=ep.rpc_port + 4,
-        probe=ping_probe, start_timeout_s=2.0,
+        "127.0.0.1",
+        ep.rpc_port - 4,
+        index=1,
+        lock_dir=tmp_path / "locks",
+        port_base=ep.rpc_port + 4,
+        probe=ping_probe,
+        start_timeout_s=2.0,
     )
     got = attached.start()
     assert got.rpc_port == ep.rpc_port and got.traffic_manager_port not in (ep.rpc_port, ep.traffic_manager_port)
     assert not attached.recycle_due()
     attached.close()
-    nobody = AttachedServer("127.0.0.1", _free_base(), lock_dir=tmp_path / "locks", probe=ping_probe, start_timeout_s=0.5, port_base=ep.rpc_port + 4)
+    nobody = AttachedServer(
+        "127.0.0.1",
+        _free_base(),
+        lock_dir=tmp_path / "locks",
+        probe=ping_probe,
+        start_timeout_s=0.5,
+        port_base=ep.rpc_port + 4,
+    )
     with pytest.raises(SimulatorUnavailable, match=r"carla.host/carla.port\) did not answer"):
         nobody.start()
     nobody.close()

@@ -138,3 +138,23 @@ def test_make_env_and_gym_registration() -> None:
     obs, _ = g.reset(seed=0)
     check_observation(obs)
     g.close()
+
+
+def test_a_lane_following_driver_completes_the_route() -> None:
+    from actors.envs.embedded import lane_following_action
+
+    env = EmbeddedDrivingEnv(EnvConfig(max_episode_steps=400, other_vehicles=0, route_length_m=150.0))
+    try:
+        obs, _ = env.reset(seed=1)
+        total, done, steps = 0.0, False, 0
+        while not done:
+            obs, reward, terminated, truncated, info = env.step(lane_following_action(obs["vector"]))
+            total += reward
+            steps += 1
+            done = terminated or truncated
+        assert terminated and info["termination_reason"] == "route_completed"
+        assert info["route_completion"] == 1.0
+        # Progress dominates the reward of a clean drive: about one per step at target speed.
+        assert total > 0.5 * steps
+    finally:
+        env.close()

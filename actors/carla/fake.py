@@ -205,7 +205,9 @@ class Map:
             out.append(Transform(Location(t.location.x, t.location.y, 0.3), Rotation(yaw=t.rotation.yaw)))
         return out
 
-    def get_waypoint(self, location: Location, project_to_road: bool = True, lane_type: Any = LaneType.Driving) -> Waypoint | None:
+    def get_waypoint(
+        self, location: Location, project_to_road: bool = True, lane_type: Any = LaneType.Driving
+    ) -> Waypoint | None:
         r = math.hypot(location.x, location.y)
         if not project_to_road and abs(r - RING_RADIUS) > LANE_WIDTH / 2:
             return None
@@ -216,7 +218,9 @@ class Map:
 
 
 class Actor:
-    def __init__(self, world: World, actor_id: int, blueprint: Blueprint, transform: Transform, parent: Actor | None) -> None:
+    def __init__(
+        self, world: World, actor_id: int, blueprint: Blueprint, transform: Transform, parent: Actor | None
+    ) -> None:
         self.world = world
         self.id = actor_id
         self.type_id = blueprint.id
@@ -301,7 +305,10 @@ class Sensor(Actor):
             self._callback(self._render(frame, parent))
         elif self.type_id == "sensor.other.collision":
             for other in self.world.vehicles():
-                if other is not parent and other._transform.location.distance(parent._transform.location) < COLLISION_DISTANCE:
+                if (
+                    other is not parent
+                    and other._transform.location.distance(parent._transform.location) < COLLISION_DISTANCE
+                ):
                     self._callback(CollisionEvent(frame, parent, other))
         elif self.type_id == "sensor.other.lane_invasion":
             loc = parent._transform.location
@@ -367,12 +374,20 @@ class World:
     def vehicles(self) -> list[Vehicle]:
         return [a for a in self._actors.values() if isinstance(a, Vehicle)]
 
-    def try_spawn_actor(self, blueprint: Blueprint, transform: Transform, attach_to: Actor | None = None) -> Actor | None:
+    def try_spawn_actor(
+        self, blueprint: Blueprint, transform: Transform, attach_to: Actor | None = None
+    ) -> Actor | None:
         self.server.check()
         if blueprint.id.startswith("vehicle."):
             if any(v._transform.location.distance(transform.location) < 5.0 for v in self.vehicles()):
                 return None
-            actor: Actor = Vehicle(self, next(self._ids), blueprint, Transform(Location(**vars(transform.location)), Rotation(**vars(transform.rotation))), None)
+            actor: Actor = Vehicle(
+                self,
+                next(self._ids),
+                blueprint,
+                Transform(Location(**vars(transform.location)), Rotation(**vars(transform.rotation))),
+                None,
+            )
         elif blueprint.id.startswith("sensor."):
             if attach_to is None:
                 raise RuntimeError("fake CARLA: sensors must be attached to a vehicle")
@@ -574,7 +589,7 @@ class FakeCarla:
         self.servers: dict[int, FakeServer] = {}
         self.loads_total = 0
 
-    def Client(self, host: str = "127.0.0.1", port: int = 2000, worker_threads: int = 0) -> Client:  # noqa: N802
+    def Client(self, host: str = "127.0.0.1", port: int = 2000, worker_threads: int = 0) -> Client:
         return Client(self, host, port, worker_threads)
 
     def launch(self, port: int) -> FakeServer:
@@ -627,7 +642,9 @@ class FakeServerHandle:
         self.restarts_total += 1
         self.consecutive_crashes += 1
         if self.consecutive_crashes > self.max_restarts:
-            raise SimulatorUnavailable(f"fake CARLA server: {self.consecutive_crashes} consecutive failures; last: {reason}")
+            raise SimulatorUnavailable(
+                f"fake CARLA server: {self.consecutive_crashes} consecutive failures; last: {reason}"
+            )
         self.fake.servers.pop(self.port, None)
         return self.start()
 

@@ -322,7 +322,9 @@ class CarlaServerManager:
 
     def recycle(self) -> ServerEndpoint:
         """Planned restart to shed the memory a long-running server accumulates; no backoff."""
-        log.info("CARLA server on port %d: recycling after %d episodes", self.block.rpc, self.counters.episodes_since_launch)
+        log.info(
+            "CARLA server on port %d: recycling after %d episodes", self.block.rpc, self.counters.episodes_since_launch
+        )
         self.counters.recycles_total += 1
         self._stop_process()
         return self.start()
@@ -347,7 +349,8 @@ class CarlaServerManager:
         if c.consecutive_crashes > self.max_restarts:
             raise SimulatorUnavailable(
                 f"CARLA server on port {self.block.rpc}: {c.consecutive_crashes} consecutive failures "
-                f"(carla.max_restarts={self.max_restarts}); last: {reason}; log {self.log_path}:\n{_tail(self.log_path)}"
+                f"(carla.max_restarts={self.max_restarts}); last: {reason}; "
+                f"log {self.log_path}:\n{_tail(self.log_path)}"
             )
         delay = backoff_delay(c.consecutive_crashes, self.backoff_s, self.backoff_max_s)
         c.waits.append(delay)
@@ -390,7 +393,9 @@ class CarlaServerManager:
             if self.probe(self.host, self.block.rpc, min(self.probe_timeout_s, self.start_timeout_s)):
                 return
             if time.monotonic() >= deadline:
-                raise SimulatorUnavailable(f"server did not answer on port {self.block.rpc} within {self.start_timeout_s:.0f}s")
+                raise SimulatorUnavailable(
+                    f"server did not answer on port {self.block.rpc} within {self.start_timeout_s:.0f}s"
+                )
             time.sleep(0.2)
 
     def _stop_process(self) -> None:

@@ -153,7 +153,13 @@ class CarlaDrivingEnv(gym.Env[Observation, np.ndarray]):
         self._tm_port = endpoint.traffic_manager_port
         self._map = world.get_map()
         self._ego, self._sensors, self._npc_ids = None, [], []
-        log.info("CARLA env connected to %s:%d (%s, traffic manager port %d)", endpoint.host, endpoint.rpc_port, c.town, endpoint.traffic_manager_port)
+        log.info(
+            "CARLA env connected to %s:%d (%s, traffic manager port %d)",
+            endpoint.host,
+            endpoint.rpc_port,
+            c.town,
+            endpoint.traffic_manager_port,
+        )
 
     def _forget_world(self) -> None:
         """Drop every handle into a server that is gone or about to be replaced."""
@@ -257,7 +263,11 @@ class CarlaDrivingEnv(gym.Env[Observation, np.ndarray]):
         if n == 0:
             return
         lib = self._world.get_blueprint_library()
-        cars = [bp for bp in lib.filter("vehicle.*") if not bp.has_attribute("number_of_wheels") or int(bp.get_attribute("number_of_wheels").as_int()) == 4]
+        cars = [
+            bp
+            for bp in lib.filter("vehicle.*")
+            if not bp.has_attribute("number_of_wheels") or int(bp.get_attribute("number_of_wheels").as_int()) == 4
+        ]
         points = [p for p in self._map.get_spawn_points() if p.location.distance(ego_location) > NPC_SPAWN_CLEARANCE_M]
         rng.shuffle(points)
         cmd, port = self.api.command, self._tm_port
@@ -271,7 +281,13 @@ class CarlaDrivingEnv(gym.Env[Observation, np.ndarray]):
             if not response.has_error():
                 self._npc_ids.append(response.actor_id)
         if len(self._npc_ids) < n:
-            log.info("spawned %d of %d NPC vehicles (map %s has %d free spawn points)", len(self._npc_ids), n, self._map.name, len(points))
+            log.info(
+                "spawned %d of %d NPC vehicles (map %s has %d free spawn points)",
+                len(self._npc_ids),
+                n,
+                self._map.name,
+                len(points),
+            )
 
     # ----- observation ---------------------------------------------------------------------
 
@@ -298,7 +314,9 @@ class CarlaDrivingEnv(gym.Env[Observation, np.ndarray]):
         speed = math.hypot(v.x, v.y)
         lane = self._map.get_waypoint(t.location, True, self.api.LaneType.Driving)
         on_road = self._map.get_waypoint(t.location, False, self.api.LaneType.Driving) is not None
-        cx, cy, lane_heading = from_carla_xy_yaw(lane.transform.location.x, lane.transform.location.y, lane.transform.rotation.yaw)
+        cx, cy, lane_heading = from_carla_xy_yaw(
+            lane.transform.location.x, lane.transform.location.y, lane.transform.rotation.yaw
+        )
         lateral = math.cos(lane_heading) * (y - cy) - math.sin(lane_heading) * (x - cx)  # + = left of the lane
         return {
             "position": np.array([x, y]),
@@ -314,13 +332,21 @@ class CarlaDrivingEnv(gym.Env[Observation, np.ndarray]):
         assert self._route is not None
         waypoints = self._route.points_ahead(self._s)
         vector = driving_vector(
-            state["speed"], state["lateral"], state["half_width"], state["heading_error"], waypoints, state["position"], state["heading"]
+            state["speed"],
+            state["lateral"],
+            state["half_width"],
+            state["heading_error"],
+            waypoints,
+            state["position"],
+            state["heading"],
         )
         return {"image": self._stack.copy(), "vector": vector}
 
     # ----- gymnasium API -------------------------------------------------------------------
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Observation, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Observation, dict[str, Any]]:
         super().reset(seed=seed)
         rng = self.np_random
         try:
@@ -361,7 +387,9 @@ class CarlaDrivingEnv(gym.Env[Observation, np.ndarray]):
         if not np.isfinite(a).all():
             raise ValueError(f"action: non-finite values {a.tolist()}")
         a = np.clip(a, -1.0, 1.0)
-        control = self.api.VehicleControl(throttle=float(max(a[1], 0.0)), steer=float(-a[0]), brake=float(max(-a[1], 0.0)))
+        control = self.api.VehicleControl(
+            throttle=float(max(a[1], 0.0)), steer=float(-a[0]), brake=float(max(-a[1], 0.0))
+        )
         try:
             self._ego.apply_control(control)
             frame = self._tick()
@@ -390,7 +418,15 @@ class CarlaDrivingEnv(gym.Env[Observation, np.ndarray]):
         reason, terminated, truncated = termination(
             bool(collisions), off_road, self._progress, route.goal_s, self._steps, self.config.max_episode_steps
         )
-        terms = reward_terms(ds, self.dt, self.config.target_speed, state["lateral"] / state["half_width"], state["speed"], a, self._prev_action)
+        terms = reward_terms(
+            ds,
+            self.dt,
+            self.config.target_speed,
+            state["lateral"] / state["half_width"],
+            state["speed"],
+            a,
+            self._prev_action,
+        )
         reward = total_reward(terms, self.weights, reason)
         self._prev_action = a
         info: dict[str, Any] = {

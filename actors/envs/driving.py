@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actors.envs.embedded import CENTERING_WEIGHT, SPEED_SCALE, WAYPOINT_SCALE, WAYPOINT_SPACING, to_ego_frame, wrap_angle
+from actors.envs.embedded import (
+    CENTERING_WEIGHT,
+    SPEED_SCALE,
+    WAYPOINT_SCALE,
+    WAYPOINT_SPACING,
+    to_ego_frame,
+    wrap_angle,
+)
 from common.schema import NUM_WAYPOINTS, VECTOR_DIM
 
 __all__ = [
@@ -131,7 +138,9 @@ def driving_vector(
     out[0] = speed / SPEED_SCALE
     out[1] = lateral / half_lane_width
     out[2] = wrap_angle(heading_error) / math.pi
-    out[3:] = (to_ego_frame(np.asarray(waypoints, float), np.asarray(position, float), heading) / WAYPOINT_SCALE).reshape(-1)
+    out[3:] = (
+        to_ego_frame(np.asarray(waypoints, float), np.asarray(position, float), heading) / WAYPOINT_SCALE
+    ).reshape(-1)
     return out
 
 

@@ -234,3 +234,13 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
     def close(self) -> None:
         self._viewer.close()
         self._sim.close()
+
+
+def lane_following_action(vector: np.ndarray, target_speed: float = 8.0) -> np.ndarray:
+    """A scripted pure-pursuit driver on the contract's vector (benchmark data, tests, a
+    baseline for evaluation): steer towards the 2nd waypoint, hold ``target_speed``.
+    It follows the lane but does not avoid other vehicles."""
+    x, y = vector[5] * WAYPOINT_SCALE, vector[6] * WAYPOINT_SCALE
+    steer = float(np.clip(math.atan2(y, x) / (math.pi / 4), -1.0, 1.0))
+    throttle = float(np.clip((target_speed - vector[0] * SPEED_SCALE) / 4.0, -1.0, 1.0))
+    return np.array([steer, throttle], np.float32)

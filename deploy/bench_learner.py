@@ -1,0 +1,272 @@
+"""``convoy bench learner``: TD3 updates/s of convoy's learner against a straightforward TD3.
+
+Three figures on the same machine, batch size and networks:
+
+* ``updates_per_s_synthetic``: convoy's learner on batches already on the device;
+* ``updates_per_s_fed``: convoy's learner fed through the real ReplaySampler from a real
+  redis-server shard filled with embedded-simulator frames by the real ReplayWriter;
+* ``baseline_updates_per_s``: :class:`StraightforwardTD3` below: the same networks and TD3
+  math as a single-process implementation usually writes it (a float32 dict replay buffer in
+  memory, indexing on the update thread, no prefetch, NCHW fp32, no compile, full backward
+  of the actor loss through the critic).
+
+``fed_ratio = fed / synthetic`` and ``speedup = fed / baseline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.config import ConvoyConfig, load_config
+from common.networks import Actor, Critic
+from common.schema import Batch, Segment
+from deploy.benchdata import record_segments
+from learner.agent import TD3Agent
+from learner.loop import Learner
+
+log = sys.stderr
+
+
+def _say(msg: str) -> None:
+    print(msg, file=log, flush=True)
+
+
+def _rate(step: Callable[[int], None], chunk: int, min_seconds: float, min_updates: int, warmup: int) -> float:
+    """Updates/s of ``step(n)`` (runs n updates) after ``warmup`` updates, over at least
+    ``min_seconds`` and ``min_updates``."""
+    step(warmup)
+    done, start = 0, time.perf_counter()
+    while done < min_updates or time.perf_counter() - start < min_seconds:
+        step(chunk)
+        done += chunk
+    return done / (time.perf_counter() - start)
+
+
+def _transitions(segments: Sequence[Segment], n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``n`` transitions drawn from recorded segments as full uint8 stacks."""
+    rng = np.random.default_rng(seed)
+    picks = [(s, int(rng.integers(s.num_transitions))) for s in (segments[i] for i in rng.integers(len(segments), size=n))]
+    trs = [seg.transition(t) for seg, t in picks]
+    return {k: np.stack([np.asarray(tr[k]) for tr in trs]) for k in trs[0]}
+
+
+def _batch_from(data: dict[str, np.ndarray], idx: np.ndarray) -> Batch:
+    return Batch(
+        image=torch.from_numpy(data["image"][idx]),
+        vector=torch.from_numpy(data["vector"][idx].astype(np.float32)),
+        action=torch.from_numpy(data["action"][idx].astype(np.float32)),
+        reward=torch.from_numpy(data["reward"][idx].astype(np.float32)),
+        next_image=torch.from_numpy(data["next_image"][idx]),
+        next_vector=torch.from_numpy(data["next_vector"][idx].astype(np.float32)),
+        terminated=torch.from_numpy(data["terminated"][idx].astype(np.float32)),
+        policy_version=torch.zeros(len(idx), dtype=torch.int64),
+    )
+
+
+# ----- the baseline --------------------------------------------------------------------------
+
+
+class StraightforwardTD3:
+    """Reference single-process TD3 with convoy's networks and math, written the usual way.
+
+    Replay is a dict of float32 arrays in memory (images scaled to [0, 1] at insert time),
+    sampled by fancy indexing on the update thread. No prefetch, no autocast, NCHW, no
+    compile; the actor loss backpropagates through the whole critic, as most TD3
+    implementations do, and the critic optimizer clears those gradients next step.
+    """
+
+    def __init__(self, cfg: ConvoyConfig, data: dict[str, np.ndarray], device: torch.device, seed: int = 0) -> None:
+        lc = cfg.learner
+        self.cfg, self.device = lc, device
+        self.buffer = {
+            "obs_image": data["image"].astype(np.float32) / 255.0,
+            "obs_vector": data["vector"].astype(np.float32),
+            "action": data["action"].astype(np.float32),
+            "reward": data["reward"].astype(np.float32),
+            "next_obs_image": data["next_image"].astype(np.float32) / 255.0,
+            "next_obs_vector": data["next_vector"].astype(np.float32),
+            "done": data["terminated"].astype(np.float32),
+        }
+        self.size = len(self.buffer["reward"])
+        self.rng = np.random.default_rng(seed)
+        self.actor = Actor(lc.encoder, lc.hidden_dim).to(device)
+        self.critic = Critic(lc.encoder, lc.hidden_dim).to(device)
+        self.actor_target = copy.deepcopy(self.actor)
+        self.critic_target = copy.deepcopy(self.critic)
+        self.actor_opt = torch.optim.Adam(
+            [
+                {"params": self.actor.encoder.parameters(), "lr": lc.actor_encoder_lr},
+                {"params": self.actor.head.parameters(), "lr": lc.actor_lr},
+            ]
+        )
+        self.critic_opt = torch.optim.Adam(
+            [
+                {"params": self.critic.encoder.parameters(), "lr": lc.critic_encoder_lr},
+                {"params": [*self.critic.q1.parameters(), *self.critic.q2.parameters()], "lr": lc.critic_lr},
+            ]
+        )
+        self.it = 0
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        idx = self.rng.integers(0, self.size, size=batch_size)
+        return {k: torch.as_tensor(v[idx], device=self.device) for k, v in self.buffer.items()}
+
+    def train_step(self, batch_size: int) -> None:
+        lc = self.cfg
+        self.it += 1
+        b = self.sample(batch_size)
+        with torch.no_grad():
+            noise = (torch.randn_like(b["action"]) * lc.target_noise).clamp(-lc.target_noise_clip, lc.target_noise_clip)
+            next_action = (self.actor_target(b["next_obs_image"], b["next_obs_vector"]) + noise).clamp(-1.0, 1.0)
+            tq1, tq2 = self.critic_target(b["next_obs_image"], b["next_obs_vector"], next_action)
+            target_q = b["reward"] + lc.gamma * (1.0 - b["done"]) * torch.min(tq1, tq2)
+        q1, q2 = self.critic(b["obs_image"], b["obs_vector"], b["action"])
+        critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), lc.critic_grad_clip)
+        self.critic_opt.step()
+        if self.it % lc.policy_delay == 0:
+            actor_loss = -self.critic.q1_only(b["obs_image"], b["obs_vector"], self.actor(b["obs_image"], b["obs_vector"])).mean()
+            self.actor_opt.zero_grad()
+            actor_loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.actor.parameters(), lc.actor_grad_clip)
+            self.actor_opt.step()
+            for net, target in ((self.critic, self.critic_target), (self.actor, self.actor_target)):
+                for p, tp in zip(net.parameters(), target.parameters(), strict=True):
+                    tp.data.copy_(lc.tau * p.data + (1 - lc.tau) * tp.data)
+
+
+# ----- the benchmark -------------------------------------------------------------------------
+
+
+def run(
+    device: str,
+    batch_size: int,
+    min_seconds: float,
+    overrides: Sequence[str] = (),
+    frames_steps: int = 3000,
+    replay_transitions: int = 20_000,
+) -> dict[str, object]:
+    from replay_service.shards import ShardSet
+    from replay_service.writer import ReplayWriter
+
+    from deploy.driver import source_factory
+
+    cfg = load_config(
+        None,
+        [
+            f"learner.device={device}",
+            f"learner.batch_size={batch_size}",
+            "collector.start_steps=0",
+            "replay.samples_per_insert=0",
+            f"replay.capacity={max(replay_transitions * 2, 1000)}",
+            "run.checkpoint_every_updates=100000000",
+            "learner.publish_every=100000000",
+            *overrides,
+        ],
+    )
+    dev = torch.device(cfg.learner.device if cfg.learner.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = dev.type == "cuda"
+    on_gpu = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    chunk = 20 if cuda else 2
+    warmup = 30 if cuda else 3
+
+    _say(f"recording {frames_steps} embedded-simulator steps ...")
+    segments = record_segments(frames_steps, cfg.collector.segment_length, seed=cfg.run.seed)
+    baseline_n = 4096 if cuda else 2048
+    data = _transitions(segments, max(batch_size * 4, baseline_n))
+
+    # Synthetic: convoy's update on batches already on the device.
+    _say("synthetic: convoy learner on in-memory device batches ...")
+    agent = TD3Agent(cfg.learner, dev)
+    rng = np.random.default_rng(0)
+    batches = [agent.prepare(_batch_from(data, rng.integers(len(data["reward"]), size=batch_size))) for _ in range(4)]
+
+    def synthetic(n: int) -> None:
+        for i in range(n):
+            agent.update(batches[i % len(batches)])
+        on_gpu()
+
+    synthetic_rate = _rate(synthetic, chunk, min_seconds, 4 * chunk, warmup)
+    _say(f"  {synthetic_rate:.2f} updates/s")
+    del agent, batches
+
+    # Fed: convoy's learner through the real writer, shard and sampler.
+    _say(f"fed: filling a redis-server shard with {replay_transitions} transitions ...")
+    with ShardSet(num_shards=1, host=cfg.replay.bind, executable=cfg.replay.redis_server) as shards:
+        writer = ReplayWriter(shards.urls, cfg.replay.capacity, cfg.replay.codec)
+        written, i = 0, 0
+        while written < replay_transitions:
+            writer.write(segments[i % len(segments)])
+            written += segments[i % len(segments)].num_transitions
+            i += 1
+        writer.close()
+        source = source_factory(cfg, shards.urls, pin_memory=cuda)()
+        with tempfile.TemporaryDirectory(prefix="convoy-bench-") as tmp:
+            learner = Learner(cfg, source, tmp)
+
+            def fed(n: int) -> None:
+                learner.train(n)
+                on_gpu()
+
+            fed_rate = _rate(fed, chunk, min_seconds, 4 * chunk, warmup)
+            sampler_metrics = source.metrics()
+            learner.close()
+    _say(f"  {fed_rate:.2f} updates/s")
+
+    _say("baseline: straightforward TD3 with a float32 dict replay buffer ...")
+    baseline = StraightforwardTD3(cfg, data, dev)
+
+    def base(n: int) -> None:
+        for _ in range(n):
+            baseline.train_step(batch_size)
+        on_gpu()
+
+    baseline_rate = _rate(base, chunk, min_seconds, 2 * chunk, warmup)
+    _say(f"  {baseline_rate:.2f} updates/s")
+    return {
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
+        "batch_size": batch_size,
+        "encoder": cfg.learner.encoder,
+        "precision": cfg.learner.precision,
+        "channels_last": cfg.learner.channels_last,
+        "compile": cfg.learner.compile,
+        "torch_threads": torch.get_num_threads(),
+        "updates_per_s_synthetic": synthetic_rate,
+        "updates_per_s_fed": fed_rate,
+        "fed_ratio": fed_rate / synthetic_rate,
+        "baseline_updates_per_s": baseline_rate,
+        "speedup": fed_rate / baseline_rate,
+        "data_wait_seconds_total": sampler_metrics.get("replay_sampler/wait_seconds_total", float("nan")),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="convoy bench learner", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seconds", type=float, default=8.0, help="minimum measuring time per figure")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. learner.compile=true learner.encoder=nature_maxpool")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available on this machine")
+    result = run(args.device, args.batch_size, args.seconds, args.overrides)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+    return 0
