@@ -156,8 +156,9 @@ class ReplayConfig:
         choices=("lz4", "zstd", "none"),
     )
     prefetch_batches: int = _opt(4, "Ready batches the sampler keeps queued.", min=1)
-    sampler_threads: int = _opt(2, "Background threads fetching and decoding batches (decoding releases the GIL).",
-                                min=1, max=32)
+    sampler_threads: int = _opt(
+        2, "Background threads fetching and decoding batches (decoding releases the GIL).", min=1, max=32
+    )
     index_refresh_s: float = _opt(0.25, "How often the sampler refreshes its view of the shards' contents.", min=0.0)
     samples_per_insert: float = _opt(
         0.0, "Rate limiter (Reverb SampleToInsertRatio): sampled transitions per inserted transition; 0 = off.", min=0.0
@@ -203,7 +204,9 @@ class LearnerConfig:
     channels_last: bool = _opt(True, "NHWC memory format for the CNNs (faster convolutions on CPU and GPU).")
     compile: bool = _opt(False, "torch.compile the networks (CUDA graphs on CUDA via mode reduce-overhead).")
     max_nonfinite: int = _opt(
-        10, "Stop the run (with a checkpoint of the last good state) after this many consecutive non-finite updates.", min=1
+        10,
+        "Stop the run (with a checkpoint of the last good state) after this many consecutive non-finite updates.",
+        min=1,
     )
 
 

@@ -38,7 +38,7 @@ class ConvEncoder(nn.Module):
         with torch.no_grad():
             n_flat = self.convs(torch.zeros(1, in_channels, image_size, image_size)).flatten(1).shape[1]
         self.fc = nn.Sequential(nn.Linear(n_flat, FEATURE_DIM), nn.ReLU())
-        self.out_dim = FEATURE_DIM
+        self.out_dim: int = FEATURE_DIM
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.fc(self.convs(_to_float(image)).flatten(1))
@@ -75,13 +75,13 @@ def nature_maxpool_cnn(in_channels: int = IMAGE_SHAPE[0], image_size: int = IMAG
 class NoImage(nn.Module):
     """No CNN: empty features, so the heads see only the vector."""
 
-    out_dim = 0
+    out_dim: int = 0
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return image.new_zeros((image.shape[0], 0), dtype=torch.float32)
 
 
-def make_encoder(name: str) -> nn.Module:
+def make_encoder(name: str) -> ConvEncoder | NoImage:
     if name == "nature":
         return nature_cnn()
     if name == "nature_maxpool":
@@ -105,7 +105,7 @@ class Actor(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = make_encoder(encoder)
-        self.head = _mlp(int(self.encoder.out_dim) + vector_dim, hidden_dim, action_dim)
+        self.head = _mlp(self.encoder.out_dim + vector_dim, hidden_dim, action_dim)
 
     def act(self, features: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.head(torch.cat([features, vector.to(features.dtype)], dim=-1)))
@@ -122,7 +122,7 @@ class Critic(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = make_encoder(encoder)
-        in_dim = int(self.encoder.out_dim) + vector_dim + action_dim
+        in_dim = self.encoder.out_dim + vector_dim + action_dim
         self.q1 = _mlp(in_dim, hidden_dim, 1)
         self.q2 = _mlp(in_dim, hidden_dim, 1)
 

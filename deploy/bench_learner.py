@@ -55,7 +55,9 @@ def _rate(step: Callable[[int], None], chunk: int, min_seconds: float, min_updat
 def _transitions(segments: Sequence[Segment], n: int, seed: int = 0) -> dict[str, np.ndarray]:
     """``n`` transitions drawn from recorded segments as full uint8 stacks."""
     rng = np.random.default_rng(seed)
-    picks = [(s, int(rng.integers(s.num_transitions))) for s in (segments[i] for i in rng.integers(len(segments), size=n))]
+    picks = [
+        (s, int(rng.integers(s.num_transitions))) for s in (segments[i] for i in rng.integers(len(segments), size=n))
+    ]
     trs = [seg.transition(t) for seg, t in picks]
     return {k: np.stack([np.asarray(tr[k]) for tr in trs]) for k in trs[0]}
 
@@ -137,7 +139,9 @@ class StraightforwardTD3:
         torch.nn.utils.clip_grad_norm_(self.critic.parameters(), lc.critic_grad_clip)
         self.critic_opt.step()
         if self.it % lc.policy_delay == 0:
-            actor_loss = -self.critic.q1_only(b["obs_image"], b["obs_vector"], self.actor(b["obs_image"], b["obs_vector"])).mean()
+            actor_loss = -self.critic.q1_only(
+                b["obs_image"], b["obs_vector"], self.actor(b["obs_image"], b["obs_vector"])
+            ).mean()
             self.actor_opt.zero_grad()
             actor_loss.backward()
             torch.nn.utils.clip_grad_norm_(self.actor.parameters(), lc.actor_grad_clip)
@@ -158,10 +162,9 @@ def run(
     frames_steps: int = 3000,
     replay_transitions: int = 20_000,
 ) -> dict[str, object]:
+    from deploy.driver import source_factory
     from replay_service.shards import ShardSet
     from replay_service.writer import ReplayWriter
-
-    from deploy.driver import source_factory
 
     cfg = load_config(
         None,
@@ -176,7 +179,9 @@ def run(
             *overrides,
         ],
     )
-    dev = torch.device(cfg.learner.device if cfg.learner.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(
+        cfg.learner.device if cfg.learner.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     cuda = dev.type == "cuda"
     on_gpu = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     chunk = 20 if cuda else 2
@@ -200,7 +205,7 @@ def run(
 
     synthetic_rate = _rate(synthetic, chunk, min_seconds, 4 * chunk, warmup)
     _say(f"  {synthetic_rate:.2f} updates/s")
-    del agent, batches
+    batches.clear()
 
     # Fed: convoy's learner through the real writer, shard and sampler.
     _say(f"fed: filling a redis-server shard with {replay_transitions} transitions ...")
@@ -259,7 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seconds", type=float, default=8.0, help="minimum measuring time per figure")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. learner.compile=true learner.encoder=nature_maxpool")
+    p.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. learner.compile=true learner.encoder=nature_maxpool"
+    )
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine")

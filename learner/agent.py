@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from common.config import LearnerConfig
 from common.networks import Actor, Critic
 from common.schema import ACTION_DIM, VECTOR_DIM, Batch
-
 from learner import td3
 
 log = logging.getLogger(__name__)
@@ -69,19 +69,22 @@ class TD3Agent:
         self.device = torch.device(device)
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.channels_last = cfg.channels_last and cfg.encoder != "none"
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.actor = Actor(cfg.encoder, cfg.hidden_dim, vector_dim, action_dim).to(self.device, memory_format=fmt)
-        self.critic = Critic(cfg.encoder, cfg.hidden_dim, vector_dim, action_dim).to(self.device, memory_format=fmt)
+        self.actor = Actor(cfg.encoder, cfg.hidden_dim, vector_dim, action_dim).to(self.device)
+        self.critic = Critic(cfg.encoder, cfg.hidden_dim, vector_dim, action_dim).to(self.device)
+        if self.channels_last:
+            self.actor.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.critic.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         # Fused Adam on CUDA is one kernel for all parameters; on CPU the foreach path is the fast one.
-        fused = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        cuda = self.device.type == "cuda"
         self.actor_opt = torch.optim.Adam(
             [
                 {"params": list(self.actor.encoder.parameters()), "lr": cfg.actor_encoder_lr, "name": "encoder"},
                 {"params": list(self.actor.head.parameters()), "lr": cfg.actor_lr, "name": "head"},
             ],
-            **fused,
+            fused=cuda or None,
+            foreach=None if cuda else True,
         )
         self.critic_opt = torch.optim.Adam(
             [
@@ -92,17 +95,18 @@ class TD3Agent:
                     "name": "heads",
                 },
             ],
-            **fused,
+            fused=cuda or None,
+            foreach=None if cuda else True,
         )
         self.actor_params = list(self.actor.parameters())
         self.critic_params = list(self.critic.parameters())
         self._actor_pairs = (self.actor_params, list(self.actor_target.parameters()))
         self._critic_pairs = (self.critic_params, list(self.critic_target.parameters()))
         # Callables used by update(); torch.compile wraps them when learner.compile is set.
-        self._actor_encoder = self.actor.encoder
-        self._critic_encoder = self.critic.encoder
-        self._actor_target_fwd = self.actor_target
-        self._critic_target_fwd = self.critic_target
+        self._actor_encoder: Callable[..., Any] = self.actor.encoder
+        self._critic_encoder: Callable[..., Any] = self.critic.encoder
+        self._actor_target_fwd: Callable[..., Any] = self.actor_target
+        self._critic_target_fwd: Callable[..., Any] = self.critic_target
         if cfg.compile:
             self._compile()
         self.updates = 0

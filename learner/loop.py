@@ -23,7 +23,6 @@ from common.config import ConvoyConfig
 from common.protocols import BatchSource
 from common.schema import ACTION_DIM, VECTOR_DIM, WeightsMessage
 from common.weights import encode_state_dict, message_to_bytes
-
 from learner.agent import TD3Agent, resolve_device
 from learner.checkpoint import CheckpointData, load_checkpoint, resolve_checkpoint, save_checkpoint
 
@@ -235,7 +234,13 @@ class Learner:
             self._publish(self.weights_version)
         self.flush()
         restored = resolve_checkpoint(path)
-        log.info("restored %s: updates %d, env_steps %d, weights v%d", restored, self.updates, self.env_steps, self.weights_version)
+        log.info(
+            "restored %s: updates %d, env_steps %d, weights v%d",
+            restored,
+            self.updates,
+            self.env_steps,
+            self.weights_version,
+        )
         return restored
 
     # ----- metrics -----------------------------------------------------------------------

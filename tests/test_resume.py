@@ -63,7 +63,9 @@ class IndexedSource:
 
 
 def _state(learner: Learner) -> dict[str, torch.Tensor]:
-    flat = {f"{net}.{k}": v.detach().cpu().clone() for net, sd in learner.agent.state_dicts().items() for k, v in sd.items()}
+    flat = {
+        f"{net}.{k}": v.detach().cpu().clone() for net, sd in learner.agent.state_dicts().items() for k, v in sd.items()
+    }
     for name, opt in (("actor_opt", learner.agent.actor_opt), ("critic_opt", learner.agent.critic_opt)):
         for pid, st in opt.state_dict()["state"].items():
             for k, v in st.items():

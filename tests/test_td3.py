@@ -200,3 +200,49 @@ def test_nonfinite_loss_skips_the_update(agent: TD3Agent) -> None:
     assert float(metrics["critic/nonfinite"]) == 1.0
     assert not _changed(critic0, agent.critic)
     assert agent.updates == 0
+
+
+@pytest.mark.parametrize("encoder", ["nature", "nature_maxpool"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_each_encoder_trains_and_keeps_its_512_features(encoder: str, precision: str) -> None:
+    torch.manual_seed(0)
+    agent = TD3Agent(LearnerConfig(encoder=encoder, hidden_dim=16, precision=precision))
+    assert agent.actor.encoder.out_dim == 512
+    feats = agent.actor.encoder(torch.zeros(2, 4, 84, 84, dtype=torch.uint8))
+    assert feats.shape == (2, 512)
+    before = _snapshot(agent.critic)
+    batch = agent.prepare(_batch())
+    metrics = {}
+    for _ in range(2):
+        metrics.update(agent.update(batch))
+    assert agent.updates == 2
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    assert _changed(before, agent.critic, "encoder.")
+    # Parameters stay fp32 under autocast.
+    assert all(p.dtype == torch.float32 for p in agent.critic.parameters())
+
+
+def test_channels_last_layout_and_uint8_until_the_device() -> None:
+    agent = TD3Agent(LearnerConfig(hidden_dim=16, channels_last=True))
+    batch = agent.prepare(_batch())
+    assert batch.image.dtype == torch.uint8  # converted to float inside the CNN, on the device
+    assert batch.image.is_contiguous(memory_format=torch.channels_last)
+    conv = agent.critic.encoder.convs[0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_", [False, True])
+def test_cuda_path_bf16_fused_pinned(compile_: bool) -> None:
+    agent = TD3Agent(LearnerConfig(hidden_dim=64, compile=compile_), device="cuda")
+    assert agent.autocast_dtype == torch.bfloat16
+    assert all(g.get("fused") for g in agent.critic_opt.param_groups) or agent.critic_opt.defaults.get("fused")
+    batch = _batch(4).pin_memory()
+    assert batch.image.is_pinned()
+    cuda_batch = agent.prepare(batch)
+    assert cuda_batch.image.device.type == "cuda" and cuda_batch.image.dtype == torch.uint8
+    for _ in range(4):
+        metrics = agent.update(cuda_batch)
+    torch.cuda.synchronize()
+    assert agent.updates == 4
+    assert all(torch.isfinite(v).all() for v in metrics.values())
