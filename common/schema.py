@@ -11,6 +11,7 @@ stack, so ``T`` steps hold ``T + 4`` frames instead of ``8 T``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,16 +117,31 @@ class Batch:
     next_vector: torch.Tensor  # float32 (B, 23)
     terminated: torch.Tensor  # float32 (B,): 1.0 where the episode terminated (no bootstrap)
     policy_version: torch.Tensor  # int64 (B,)
+    # When set, uint8 (B, 5, 84, 84) and ``image``/``next_image`` are its views [:, :4] and
+    # [:, 1:]: the two stacks share 3 frames, so a batch holds and moves 5 frames, not 8.
+    frames: torch.Tensor | None = None
+
+    @staticmethod
+    def from_frames(frames: torch.Tensor, **rest: torch.Tensor) -> Batch:
+        if frames.dim() != 4 or frames.shape[1] != STACK + 1:
+            raise SchemaError(f"frames: expected shape (B, {STACK + 1}, H, W), got {tuple(frames.shape)}")
+        return Batch(image=frames[:, :STACK], next_image=frames[:, 1:], frames=frames, **rest)
 
     @property
     def size(self) -> int:
         return int(self.action.shape[0])
 
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        rest = {k: fn(v) for k, v in self.__dict__.items() if k not in ("image", "next_image", "frames")}
+        if self.frames is not None:
+            return Batch.from_frames(fn(self.frames), **rest)
+        return Batch(image=fn(self.image), next_image=fn(self.next_image), **rest)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(**{k: v.to(device, non_blocking=non_blocking) for k, v in self.__dict__.items()})
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
-        return Batch(**{k: v.pin_memory() for k, v in self.__dict__.items()})
+        return self._map(lambda t: t.pin_memory())
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from common.config import ConvoyConfig, load_config
 from common.networks import Actor, Critic
 from common.schema import Batch, Segment
+from common.sysutil import tune_malloc_for_bulk_buffers
 from deploy.benchdata import record_segments
 from learner.agent import TD3Agent
 from learner.loop import Learner
@@ -268,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overrides", nargs="*", help="config overrides, e.g. learner.compile=true learner.encoder=nature_maxpool"
     )
     args = p.parse_args(argv)
+    tune_malloc_for_bulk_buffers()  # as the learner process does (learner.remote)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine")
     result = run(args.device, args.batch_size, args.seconds, args.overrides)

@@ -31,6 +31,7 @@ import numpy as np
 import redis
 
 from common.schema import ACTION_DIM, FRAME_SHAPE, STACK, VECTOR_DIM, Segment
+from common.sysutil import tune_malloc_for_bulk_buffers
 from replay_service.sampler import ReplaySampler
 from replay_service.shards import K_BYTES, RedisShardProcess, connect
 from replay_service.writer import ReplayWriter
@@ -139,16 +140,30 @@ class NaiveDictReplay:
         }
 
 
-def _rate(fn: Callable[[], int], seconds: float, repeats: int) -> float:
-    """Median over ``repeats`` windows of items/s (the box is shared: one window means little)."""
-    rates = []
+def _window(fn: Callable[[], int], seconds: float) -> float:
+    """Items/s of ``fn`` (returns items done per call) over one window of ``seconds``."""
+    start = time.perf_counter()
+    n = 0
+    while time.perf_counter() - start < seconds:
+        n += fn()
+    return n / (time.perf_counter() - start)
+
+
+def _interleaved_rates(
+    a: Callable[[], int], b: Callable[[], int], seconds: float, repeats: int
+) -> tuple[float, float]:
+    """Medians of alternating windows of ``a`` and ``b``: on a shared machine load drifts over
+    a run, and alternating puts both sides under the same drift."""
+    # Warm both up first: the first seconds of bulk transfers in a fresh process run at well
+    # under half speed (allocator and socket buffers settling), which would flatter whichever
+    # side is measured warm.
+    _window(a, min(seconds, 2.0))
+    _window(b, min(seconds, 2.0))
+    ra, rb = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        n = 0
-        while time.perf_counter() - start < seconds:
-            n += fn()
-        rates.append(n / (time.perf_counter() - start))
-    return float(np.median(rates))
+        ra.append(_window(a, seconds))
+        rb.append(_window(b, seconds))
+    return float(np.median(ra)), float(np.median(rb))
 
 
 def run(frames_kind: str, segments: int, seconds: float, repeats: int, threads: int) -> dict[str, float | str]:
@@ -181,21 +196,25 @@ def run(frames_kind: str, segments: int, seconds: float, repeats: int, threads: 
         used = int(client.info("memory")["used_memory"]) - mem0
         writer.close()
 
-        _progress(f"sampling batches of {BATCH} ({threads} sampler threads, one consumer)")
-        sampler = ReplaySampler([shard.url], BATCH, prefetch=8, threads=threads, index_refresh_s=1.0)
-        try:
-            next(sampler)
-            sample_rate = _rate(lambda: next(sampler).size, seconds, repeats)
-            corrupt = sampler.metrics()["replay_sampler/corrupt_total"]
-        finally:
-            sampler.close()
-
-        _progress("filling and sampling the naive msgpack-dict baseline")
+        _progress("filling the naive msgpack-dict baseline")
         naive = NaiveDictReplay(client)
         naive.fill(segs, limit=min(transitions, 8192))
         brng = np.random.default_rng(2)
         naive.sample(brng, BATCH)
-        baseline_rate = _rate(lambda: len(naive.sample(brng, BATCH)["reward"]), seconds, repeats)
+
+        _progress(
+            f"sampling batches of {BATCH} ({threads} sampler threads, one consumer), alternating "
+            f"{repeats} windows of {seconds:g}s with the baseline"
+        )
+        sampler = ReplaySampler([shard.url], BATCH, prefetch=8, threads=threads, index_refresh_s=1.0)
+        try:
+            next(sampler)
+            sample_rate, baseline_rate = _interleaved_rates(
+                lambda: next(sampler).size, lambda: len(naive.sample(brng, BATCH)["reward"]), seconds, repeats
+            )
+            corrupt = sampler.metrics()["replay_sampler/corrupt_total"]
+        finally:
+            sampler.close()
         client.close()
     finally:
         shard.stop()
@@ -224,6 +243,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timing windows; the median is reported")
     p.add_argument("--threads", type=int, default=2, help="sampler background threads")
     args = p.parse_args(argv)
+    # Same allocator settings for convoy's sampler and the baseline (see common.sysutil).
+    tune_malloc_for_bulk_buffers()
     segments = args.segments or (1500 if args.frames == "embedded" else 400)
     result = run(args.frames, segments, args.seconds, args.repeats, args.threads)
     if args.json:

@@ -17,8 +17,10 @@ class LearnerActor:
     """A Learner in its own process; ``source_factory`` builds its batch source in-process."""
 
     def __init__(self, config: dict[str, Any], source_factory: Callable[[], BatchSource], run_dir: str) -> None:
+        from common.sysutil import tune_malloc_for_bulk_buffers
         from learner.loop import Learner
 
+        tune_malloc_for_bulk_buffers()  # the sampler allocates and frees ~10 MB per batch
         cfg = from_dict(config)
         self.learner = Learner(cfg, source_factory(), run_dir)
         self.exporter = (

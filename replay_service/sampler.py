@@ -393,15 +393,14 @@ class ReplaySampler:
         b = self.batch_size
         if not self._acquire(b):
             raise SampleError("sampler is closing")
+        # Frames t..t+4 of each transition are decoded straight into this (pinned) tensor; the
+        # observation and next-observation stacks are views of it, never copies.
+        frames = torch.empty((b, SPAN, *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
         try:
-            frames, recs = self._fetch(b, rng, worker)
+            recs = self._fetch(b, rng, worker, frames.numpy())
         finally:
             with self._lock:
                 self._reserved -= b if self.limiter.enabled else 0
-        image = torch.empty((b, STACK, *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
-        next_image = torch.empty((b, STACK, *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
-        np.copyto(image.numpy(), frames[:, :STACK])
-        np.copyto(next_image.numpy(), frames[:, 1:])
         r0 = recs[:, 0]
         small = {
             "vector": np.ascontiguousarray(r0["vector"], np.float32),
@@ -414,11 +413,11 @@ class ReplaySampler:
         tensors = {k: torch.from_numpy(v) for k, v in small.items()}
         if self.pin_memory:
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
-        return Batch(image=image, next_image=next_image, **tensors)
+        return Batch.from_frames(frames, **tensors)
 
-    def _fetch(self, b: int, rng: np.random.Generator, worker: int) -> tuple[np.ndarray, np.ndarray]:
-        """Draw, fetch and decode ``b`` transitions; redraws the ones that fail."""
-        frames = np.empty((b, SPAN, *FRAME_SHAPE), np.uint8)
+    def _fetch(self, b: int, rng: np.random.Generator, worker: int, frames: np.ndarray) -> np.ndarray:
+        """Draw, fetch and decode ``b`` transitions into ``frames`` (b, 5, 84, 84); redraws the
+        ones that fail; returns their records (b, 2)."""
         recs = np.empty((b, 2), RECORD_DTYPE)
         todo = np.arange(b)
         for _attempt in range(_MAX_ATTEMPTS):
@@ -466,7 +465,7 @@ class ReplaySampler:
             self._count_outcomes(shard, ok, replies, snap.seqs[seg])
             todo = todo[~ok]
             if len(todo) == 0:
-                return frames, recs
+                return recs
             self.refresh_index()
             if self.size == 0:
                 break
