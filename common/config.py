@@ -157,7 +157,11 @@ class ReplayConfig:
     )
     prefetch_batches: int = _opt(4, "Ready batches the sampler keeps queued.", min=1)
     sampler_threads: int = _opt(
-        2, "Background threads fetching and decoding batches (decoding releases the GIL).", min=1, max=32
+        0,
+        "Background threads fetching and decoding batches (decoding releases the GIL); 0 = auto: 1 for a CPU "
+        "learner (more only take cores from its compute), 4 for a CUDA learner.",
+        min=0,
+        max=32,
     )
     index_refresh_s: float = _opt(0.25, "How often the sampler refreshes its view of the shards' contents.", min=0.0)
     samples_per_insert: float = _opt(

@@ -22,7 +22,9 @@ def tune_malloc_for_bulk_buffers(trim_threshold: int = 256 << 20, mmap_threshold
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+        ok = bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+        )
     except (OSError, AttributeError):
         return False
     if not ok:

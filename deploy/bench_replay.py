@@ -149,9 +149,7 @@ def _window(fn: Callable[[], int], seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-def _interleaved_rates(
-    a: Callable[[], int], b: Callable[[], int], seconds: float, repeats: int
-) -> tuple[float, float]:
+def _interleaved_rates(a: Callable[[], int], b: Callable[[], int], seconds: float, repeats: int) -> tuple[float, float]:
     """Medians of alternating windows of ``a`` and ``b``: on a shared machine load drifts over
     a run, and alternating puts both sides under the same drift."""
     # Warm both up first: the first seconds of bulk transfers in a fresh process run at well

@@ -47,13 +47,14 @@ def sink_factory(cfg: ConvoyConfig, urls: list[str], collector_id: int) -> funct
 
 
 def source_factory(cfg: ConvoyConfig, urls: list[str], pin_memory: bool) -> functools.partial[ReplaySampler]:
+    """The learner's sampler; ``pin_memory`` is True exactly when the learner runs on CUDA."""
     return functools.partial(
         ReplaySampler,
         urls,
         cfg.learner.batch_size,
         password=cfg.replay.password,
         prefetch=cfg.replay.prefetch_batches,
-        threads=cfg.replay.sampler_threads,
+        threads=cfg.replay.sampler_threads or (4 if pin_memory else 1),
         index_refresh_s=cfg.replay.index_refresh_s,
         seed=cfg.run.seed,
         pin_memory=pin_memory,
@@ -200,9 +201,7 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
                 num_cpus=cfg.collector.num_cpus,
                 # A CARLA collector owns a server: place it only where a server slot is free.
                 resources={"carla": 1} if cfg.env.backend == "carla" else None,
-            ).remote(
-                config_dict, i, sink_factory(cfg, shards.urls, i)
-            )
+            ).remote(config_dict, i, sink_factory(cfg, shards.urls, i))
             for i in range(cfg.collector.num_collectors)
         ]
         learner = LearnerActor.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(  # type: ignore[attr-defined]

@@ -82,6 +82,8 @@ class Learner:
         self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-io")
         self._pending_checkpoint: concurrent.futures.Future[Path] | None = None
         self._last_call = (time.perf_counter(), 0)
+        self._weight_change_at = 0.0
+        self._weight_change: dict[str, float] = {}
         log.info(
             "learner on %s (autocast %s, channels_last %s, compile %s); config:\n%s",
             self.device,
@@ -250,12 +252,17 @@ class Learner:
         last_t, last_updates = self._last_call
         self._last_call = (now, self.agent.updates)
         out: dict[str, Any] = {f"learner/{k.replace('/', '_')}": v for k, v in update_metrics.items()}
-        with torch.no_grad():
-            for name, enc in self.agent.encoders():
-                initial = self._initial_encoders[name]
-                if initial:
-                    delta = [(p.detach().float().cpu() - initial[k]).norm() ** 2 for k, p in enc.state_dict().items()]
-                    out[f"learner/{name}_cnn_weight_change"] = float(torch.stack(delta).sum().sqrt())
+        # Distance of each CNN from its initial weights: a frozen CNN shows 0. It touches every
+        # parameter, so it is recomputed at most once a second, not on every call.
+        if now - self._weight_change_at >= 1.0:
+            self._weight_change_at = now
+            with torch.no_grad():
+                for name, enc in self.agent.encoders():
+                    initial = self._initial_encoders[name]
+                    if initial:
+                        sq = [(p.detach().float().cpu() - initial[k]).norm() ** 2 for k, p in enc.state_dict().items()]
+                        self._weight_change[name] = float(torch.stack(sq).sum().sqrt())
+        out.update({f"learner/{name}_cnn_weight_change": v for name, v in self._weight_change.items()})
         out.update(
             {
                 "learner/updates_total": self.agent.updates,

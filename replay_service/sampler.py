@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from common.schema import FRAME_SHAPE, STACK, Batch
+from common.schema import FRAME_SHAPE, Batch
 from replay_service.codec import RECORD_DTYPE, SPAN, TERMINATED, CorruptSegmentError, decode_batch, parse_index
 from replay_service.ratelimit import SampleToInsertRatio
 from replay_service.shards import ShardAuthError, ShardClient, ShardHealth, ShardStats, ShardUnavailable
