@@ -209,6 +209,7 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
         )
         if resume is not None:
             info = ray.get(learner.restore.remote(str(resume)))
+            progress._last_updates = int(info["updates"])
             print(
                 f"resumed from {info['checkpoint']}: updates {info['updates']}, env_steps {info['env_steps']}",
                 file=out,
