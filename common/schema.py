@@ -52,6 +52,17 @@ def check_observation(obs: Observation) -> None:
         )
 
 
+def check_action(action: Any) -> np.ndarray:
+    """The action as float32 (2,) clipped to [-1, 1]; a wrong shape or a non-finite value is a
+    :class:`SchemaError` naming it (every simulator calls this before acting)."""
+    a = np.asarray(action, dtype=np.float32).reshape(-1)
+    if a.shape != (ACTION_DIM,):
+        raise SchemaError(f"action: expected shape ({ACTION_DIM},), got {np.shape(action)}")
+    if not np.isfinite(a).all():
+        raise SchemaError(f"action: non-finite values {a.tolist()}")
+    return np.clip(a, -1.0, 1.0)
+
+
 @dataclass(frozen=True)
 class Segment:
     """``T`` consecutive steps of one episode, each frame once (see module docstring)."""

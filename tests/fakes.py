@@ -6,9 +6,10 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from actors.envs.embedded import action_space, observation_space
-from common.schema import Segment
+from common.schema import Batch, Segment
 
 
 class FakeDrivingEnv(gym.Env):
@@ -71,3 +72,18 @@ class ListSink:
 
     def close(self) -> None:
         self.closed = True
+
+
+def random_batch(n: int, generator: torch.Generator, terminated: torch.Tensor | None = None) -> Batch:
+    """A batch of random transitions with the contract's shapes (uint8 images)."""
+    g = generator
+    return Batch(
+        image=torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g),
+        vector=torch.randn(n, 23, generator=g),
+        action=torch.rand(n, 2, generator=g) * 2 - 1,
+        reward=torch.randn(n, generator=g),
+        next_image=torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g),
+        next_vector=torch.randn(n, 23, generator=g),
+        terminated=terminated if terminated is not None else (torch.rand(n, generator=g) < 0.1).float(),
+        policy_version=torch.zeros(n, dtype=torch.int64),
+    )

@@ -13,6 +13,7 @@ from common.schema import Batch
 from common.weights import load_into, message_from_bytes
 from learner.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint
 from learner.loop import Learner
+from tests.fakes import random_batch
 
 
 class SyntheticSource:
@@ -30,18 +31,7 @@ class SyntheticSource:
         return self._size
 
     def __next__(self) -> Batch:
-        n, g = self.batch_size, self.g
-        self.drawn += 1
-        return Batch(
-            image=torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g),
-            vector=torch.randn(n, 23, generator=g),
-            action=torch.rand(n, 2, generator=g) * 2 - 1,
-            reward=torch.randn(n, generator=g),
-            next_image=torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g),
-            next_vector=torch.randn(n, 23, generator=g),
-            terminated=(torch.rand(n, generator=g) < 0.1).float(),
-            policy_version=torch.zeros(n, dtype=torch.int64),
-        )
+        return random_batch(self.batch_size, self.g)
 
     def metrics(self) -> dict[str, float]:
         return {"synthetic/drawn_total": self.drawn}

@@ -11,6 +11,7 @@ from common.config import LearnerConfig
 from common.schema import Batch
 from learner import td3
 from learner.agent import TD3Agent
+from tests.fakes import random_batch
 
 
 def test_td_target_by_hand() -> None:
@@ -95,17 +96,7 @@ def test_polyak_moves_every_target_by_exactly_tau() -> None:
 
 
 def _batch(n: int = 4, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(
-        image=torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g),
-        vector=torch.randn(n, 23, generator=g),
-        action=torch.rand(n, 2, generator=g) * 2 - 1,
-        reward=torch.randn(n, generator=g),
-        next_image=torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g),
-        next_vector=torch.randn(n, 23, generator=g),
-        terminated=torch.tensor([0.0, 1.0, 0.0, 0.0])[:n],
-        policy_version=torch.zeros(n, dtype=torch.int64),
-    )
+    return random_batch(n, torch.Generator().manual_seed(seed), terminated=torch.tensor([0.0, 1.0, 0.0, 0.0])[:n])
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

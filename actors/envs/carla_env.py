@@ -53,7 +53,7 @@ from actors.envs.driving import (
 from actors.envs.embedded import GRAY_WEIGHTS, action_space, observation_space
 from actors.envs.errors import SimulatorCrashed
 from common.config import CarlaConfig, EnvConfig
-from common.schema import ACTION_DIM, FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, Observation
+from common.schema import ACTION_DIM, FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, Observation, check_action
 
 log = logging.getLogger(__name__)
 
@@ -381,12 +381,7 @@ class CarlaDrivingEnv(gym.Env[Observation, np.ndarray]):
     def step(self, action: np.ndarray) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
         if self._ego is None or self._route is None:
             raise RuntimeError("CarlaDrivingEnv.step before reset (or after a crash: call recover() and reset())")
-        a = np.asarray(action, dtype=np.float32).reshape(-1)
-        if a.shape != (ACTION_DIM,):
-            raise ValueError(f"action: expected shape ({ACTION_DIM},), got {np.shape(action)}")
-        if not np.isfinite(a).all():
-            raise ValueError(f"action: non-finite values {a.tolist()}")
-        a = np.clip(a, -1.0, 1.0)
+        a = check_action(action)
         control = self.api.VehicleControl(
             throttle=float(max(a[1], 0.0)), steer=float(-a[0]), brake=float(max(-a[1], 0.0))
         )

@@ -36,7 +36,7 @@ import gymnasium as gym
 import numpy as np
 
 from common.config import EnvConfig
-from common.schema import ACTION_DIM, FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, VECTOR_DIM, Observation
+from common.schema import ACTION_DIM, FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, VECTOR_DIM, Observation, check_action
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +182,7 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
         return self._observation(), {"route_completion": 0.0, "termination_reason": None}
 
     def step(self, action: np.ndarray) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
-        a = np.asarray(action, dtype=np.float32).reshape(-1)
-        if a.shape != (ACTION_DIM,):
-            raise ValueError(f"action: expected shape ({ACTION_DIM},), got {np.shape(action)}")
-        if not np.isfinite(a).all():
-            raise ValueError(f"action: non-finite values {a.tolist()}")
-        a = np.clip(a, -1.0, 1.0)
+        a = check_action(action)
         # highway-env orders continuous actions [acceleration, steering]; the contract is
         # [steering, throttle/brake].
         self._sim.step(np.array([a[1], a[0]], dtype=np.float32))
