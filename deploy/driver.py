@@ -69,7 +69,8 @@ class Progress:
     """What the driver knows about the run, from the metric dicts the actors return."""
 
     start: float = field(default_factory=time.monotonic)
-    base_env_steps: int = 0  # env steps of the run before a resume
+    base_env_steps: int = 0  # counters of the run before a resume: rates count only this run's work
+    base_updates: int = 0
     collector: dict[int, dict[str, float]] = field(default_factory=dict)
     learner: dict[str, float] = field(default_factory=dict)
     _last_t: float = field(default_factory=time.monotonic)
@@ -79,6 +80,10 @@ class Progress:
     @property
     def env_steps(self) -> int:
         return self.base_env_steps + int(sum(m.get("collector/env_steps_total", 0) for m in self.collector.values()))
+
+    def resumed_from(self, env_steps: int, updates: int) -> None:
+        self.base_env_steps = self._last_steps = env_steps
+        self.base_updates = self._last_updates = updates
 
     @property
     def updates(self) -> int:
@@ -99,7 +104,7 @@ class Progress:
             "run/episodes_total": eps,
             "run/elapsed_seconds": elapsed,
             "run/env_steps_per_s": new_steps / max(elapsed, 1e-9),
-            "run/updates_per_s": self.updates / max(elapsed, 1e-9),
+            "run/updates_per_s": (self.updates - self.base_updates) / max(elapsed, 1e-9),
             "run/replay_size": self.learner.get("replay_sampler/size", 0),
             "run/weights_version": self.learner.get("learner/weights_version", 0),
             "run/max_acting_version": max(
@@ -157,10 +162,12 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
 
     progress = Progress()
     if resume is not None:
-        from learner.checkpoint import load_checkpoint
+        from learner.checkpoint import load_checkpoint, resolve_checkpoint
 
+        # Resolved once: the driver's counters and the learner's state come from the same checkpoint.
+        resume = resolve_checkpoint(resume)
         state = load_checkpoint(resume, networks=(), full=False).state
-        progress.base_env_steps = progress._last_steps = int(state.get("env_steps", 0))
+        progress.resumed_from(int(state.get("env_steps", 0)), int(state["updates"]))
         if progress.base_env_steps >= cfg.run.total_env_steps:
             raise ConfigError(
                 f"run.total_env_steps={cfg.run.total_env_steps} is already reached by the checkpoint "
@@ -209,7 +216,6 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
         )
         if resume is not None:
             info = ray.get(learner.restore.remote(str(resume)))
-            progress._last_updates = int(info["updates"])
             print(
                 f"resumed from {info['checkpoint']}: updates {info['updates']}, env_steps {info['env_steps']}",
                 file=out,

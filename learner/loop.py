@@ -80,7 +80,6 @@ class Learner:
         # One background thread: weight encoding and checkpoint writes happen in order, off
         # the update path.
         self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-io")
-        self._pending_checkpoint: concurrent.futures.Future[Path] | None = None
         self._last_call = (time.perf_counter(), 0)
         self._weight_change_at = 0.0
         self._weight_change: dict[str, float] = {}
@@ -213,12 +212,12 @@ class Learner:
             return written
 
         future = self._io.submit(write)
-        self._pending_checkpoint = future
         return future.result() if wait else path
 
     def restore(self, path: str | Path) -> Path:
-        """Resume exactly from a checkpoint (or a run directory's newest one)."""
-        data = load_checkpoint(path)
+        """Resume exactly from a checkpoint (or a run directory's newest one); returns its path."""
+        restored = resolve_checkpoint(path)
+        data = load_checkpoint(restored)
         self.agent.load_state_dicts({k: {n: t.to(self.device) for n, t in v.items()} for k, v in data.networks.items()})
         self.agent.actor_opt.load_state_dict(data.optimizers["actor"])
         self.agent.critic_opt.load_state_dict(data.optimizers["critic"])
@@ -235,7 +234,6 @@ class Learner:
         if self.weights_version > 0:
             self._publish(self.weights_version)
         self.flush()
-        restored = resolve_checkpoint(path)
         log.info(
             "restored %s: updates %d, env_steps %d, weights v%d",
             restored,
