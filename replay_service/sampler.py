@@ -31,7 +31,14 @@ import torch
 from common.schema import FRAME_SHAPE, Batch
 from replay_service.codec import RECORD_DTYPE, SPAN, TERMINATED, CorruptSegmentError, decode_batch, parse_index
 from replay_service.ratelimit import SampleToInsertRatio
-from replay_service.shards import ShardAuthError, ShardClient, ShardHealth, ShardStats, ShardUnavailable
+from replay_service.shards import (
+    ShardAuthError,
+    ShardClient,
+    ShardHealth,
+    ShardStats,
+    ShardUnavailable,
+    check_shards_at_start,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,18 +193,11 @@ class ReplaySampler:
                 self._threads.append(th)
 
     def _check_start(self) -> None:
-        """A wrong password is a clear error now; an unreachable shard is skipped unless all are."""
-        for client, health in zip(self._index_clients, self._health, strict=True):
-            try:
-                client.ping()
-            except ShardAuthError:
-                self._close_clients()
-                raise
-            except ShardUnavailable as exc:
-                health.failed(exc)
-        if not any(h.up for h in self._health):
+        try:
+            check_shards_at_start(self._index_clients, self._health)
+        except (ShardAuthError, ShardUnavailable):
             self._close_clients()
-            raise ShardUnavailable(f"no replay shard is reachable: {', '.join(h.url for h in self._health)}")
+            raise
 
     # ----- index -------------------------------------------------------------------------
 
@@ -247,8 +247,9 @@ class ReplaySampler:
                 if m.epoch:
                     with self._lock:
                         self._counters[i].restarts_total += 1
-                    log.warning("replay shard %d restarted empty (new epoch %s); its mirror starts over",
-                                i, stats.epoch)
+                    log.warning(
+                        "replay shard %d restarted empty (new epoch %s); its mirror starts over", i, stats.epoch
+                    )
                 m = self._mirrors[i] = _Mirror(epoch=stats.epoch)
             m.drop_before(stats.head)
             new = list(range(max(m.next_seq + 1, stats.head), stats.next + 1))
@@ -329,12 +330,6 @@ class ReplaySampler:
         return self._snap.total
 
     # ----- sampling ----------------------------------------------------------------------
-
-    def sample_locations(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Draw ``n`` transitions uniformly: returns (shard, seq, step) arrays."""
-        snap = self._snap
-        seg, t = self._draw(snap, n, rng)
-        return snap.shard[seg], snap.seqs[seg], t
 
     @staticmethod
     def _draw(snap: _Snapshot, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -438,7 +433,10 @@ class ReplaySampler:
                     if client.generation != self._health[s].generation:
                         client.reset(self._health[s].generation)
                     count = client.fetch_send(
-                        snap.epochs[s], snap.seqs[seg[rows]].tolist(), starts[rows].tolist(), stops[rows].tolist(),
+                        snap.epochs[s],
+                        snap.seqs[seg[rows]].tolist(),
+                        starts[rows].tolist(),
+                        stops[rows].tolist(),
                         report,
                     )
                     sent.append((s, rows, count, report))
@@ -560,8 +558,15 @@ class ReplaySampler:
     def metrics(self) -> dict[str, float]:
         with self._lock:
             counters = [
-                (c.stats, c.sampled_total, c.corrupt_total, c.missing_total, c.restarts_total, c.inserts_per_s,
-                 c.sampled_per_s)
+                (
+                    c.stats,
+                    c.sampled_total,
+                    c.corrupt_total,
+                    c.missing_total,
+                    c.restarts_total,
+                    c.inserts_per_s,
+                    c.sampled_per_s,
+                )
                 for c in self._counters
             ]
         out: dict[str, float] = {

@@ -435,8 +435,13 @@ class ShardHealth:
             if self.up:
                 self.up = False
                 self.lost_total += 1
-                log.warning("%s: replay shard %d (%s) lost: %s; skipping it and retrying with backoff",
-                            self.component, self.index, self.url, exc)
+                log.warning(
+                    "%s: replay shard %d (%s) lost: %s; skipping it and retrying with backoff",
+                    self.component,
+                    self.index,
+                    self.url,
+                    exc,
+                )
 
     def succeeded(self) -> bool:
         """Mark the shard up; True when this ends an outage."""
@@ -453,6 +458,18 @@ class ShardHealth:
 
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def check_shards_at_start(clients: Sequence[ShardClient], health: Sequence[ShardHealth]) -> None:
+    """A wrong password is a clear error now; an unreachable shard is marked down (and retried
+    later), unless every shard is unreachable. The caller closes its connections on error."""
+    for client, h in zip(clients, health, strict=True):
+        try:
+            client.ping()
+        except ShardUnavailable as exc:
+            h.failed(exc)
+    if not any(h.up for h in health):
+        raise ShardUnavailable(f"no replay shard is reachable: {', '.join(h.url for h in health)}")
 
 
 class ShardClient:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from common.schema import Segment
 from replay_service.codec import FrameCodec, encode_segment
 from replay_service.ratelimit import SampleToInsertRatio
-from replay_service.shards import ShardAuthError, ShardClient, ShardHealth, ShardUnavailable
+from replay_service.shards import ShardAuthError, ShardClient, ShardHealth, ShardUnavailable, check_shards_at_start
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +77,11 @@ class ReplayWriter:
         self._check_start()
 
     def _check_start(self) -> None:
-        """A wrong password is a clear error now; an unreachable shard is skipped unless all are."""
-        for client, health in zip(self.shards, self.health, strict=True):
-            try:
-                client.ping()
-            except ShardAuthError:
-                self.close()
-                raise
-            except ShardUnavailable as exc:
-                health.failed(exc)
-        if not any(h.up for h in self.health):
+        try:
+            check_shards_at_start(self.shards, self.health)
+        except (ShardAuthError, ShardUnavailable):
             self.close()
-            raise ShardUnavailable(f"no replay shard is reachable: {', '.join(h.url for h in self.health)}")
+            raise
 
     # ----- rate limiting ---------------------------------------------------------------------
 
