@@ -147,10 +147,3 @@ def import_carla() -> CarlaModule:
             f"({exc}); install it with: {INSTALL_HINT}  (or set carla.stand_in=true for a dry run without CARLA)"
         ) from exc
     return cast(CarlaModule, module)
-
-
-def is_timeout(exc: BaseException) -> bool:
-    """Whether a client error is CARLA's RPC time-out (it raises a plain RuntimeError, e.g.
-    'time-out of 20000ms while waiting for the simulator, make sure the simulator is ready
-    and connected to localhost:2000')."""
-    return isinstance(exc, RuntimeError) and "time-out" in str(exc)

@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import weakref
@@ -86,14 +85,6 @@ def carla_probe(host: str, port: int, timeout_s: float) -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def tcp_probe(host: str, port: int, timeout_s: float) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 # ----- launching -----------------------------------------------------------------------------
@@ -209,6 +200,29 @@ class _Counters:
     consecutive_crashes: int = 0
     restart_wait_seconds_total: float = 0.0
     waits: list[float] = field(default_factory=list)
+
+    def crash_and_wait(
+        self,
+        where: str,
+        reason: str,
+        max_restarts: int,
+        backoff_s: float,
+        backoff_max_s: float,
+        sleep: Callable[[float], None],
+        detail: str = "",
+    ) -> None:
+        """Count one failure in the streak; give up past ``max_restarts``, else back off."""
+        self.consecutive_crashes += 1
+        if self.consecutive_crashes > max_restarts:
+            raise SimulatorUnavailable(
+                f"{where}: {self.consecutive_crashes} consecutive failures "
+                f"(carla.max_restarts={max_restarts}); last: {reason}{detail}"
+            )
+        delay = backoff_delay(self.consecutive_crashes, backoff_s, backoff_max_s)
+        self.waits.append(delay)
+        self.restart_wait_seconds_total += delay
+        if delay > 0:
+            sleep(delay)
 
 
 class CarlaServerManager:
@@ -344,19 +358,15 @@ class CarlaServerManager:
     # ----- internals ----------------------------------------------------------------------
 
     def _count_crash_and_wait(self, reason: str) -> None:
-        c = self.counters
-        c.consecutive_crashes += 1
-        if c.consecutive_crashes > self.max_restarts:
-            raise SimulatorUnavailable(
-                f"CARLA server on port {self.block.rpc}: {c.consecutive_crashes} consecutive failures "
-                f"(carla.max_restarts={self.max_restarts}); last: {reason}; "
-                f"log {self.log_path}:\n{_tail(self.log_path)}"
-            )
-        delay = backoff_delay(c.consecutive_crashes, self.backoff_s, self.backoff_max_s)
-        c.waits.append(delay)
-        c.restart_wait_seconds_total += delay
-        if delay > 0:
-            self._sleep(delay)
+        self.counters.crash_and_wait(
+            f"CARLA server on port {self.block.rpc}",
+            reason,
+            self.max_restarts,
+            self.backoff_s,
+            self.backoff_max_s,
+            self._sleep,
+            detail=f"; log {self.log_path}:\n{_tail(self.log_path)}",
+        )
 
     def _launch(self) -> None:
         block = self.block
@@ -478,15 +488,14 @@ class AttachedServer:
 
     def restart(self, reason: str) -> ServerEndpoint:
         self.counters.restarts_total += 1
-        self.counters.consecutive_crashes += 1
-        if self.counters.consecutive_crashes > self.max_restarts:
-            raise SimulatorUnavailable(
-                f"CARLA server at {self.host}:{self.rpc_port}: {self.counters.consecutive_crashes} consecutive "
-                f"failures (carla.max_restarts={self.max_restarts}); last: {reason}"
-            )
-        delay = backoff_delay(self.counters.consecutive_crashes, self.backoff_s, self.backoff_max_s)
-        self.counters.restart_wait_seconds_total += delay
-        self._sleep(delay)
+        self.counters.crash_and_wait(
+            f"CARLA server at {self.host}:{self.rpc_port}",
+            reason,
+            self.max_restarts,
+            self.backoff_s,
+            self.backoff_max_s,
+            self._sleep,
+        )
         return self.start()
 
     def episode_finished(self) -> None:
