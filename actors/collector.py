@@ -19,6 +19,7 @@ import torch
 from actors.envs.errors import RecoverableEnv, SimulatorCrashed, SimulatorUnavailable
 from actors.segments import SegmentBuilder
 from common.config import ConvoyConfig
+from common.metrics import Latency
 from common.networks import Actor
 from common.protocols import SegmentSink
 from common.schema import Observation, SchemaError, check_observation
@@ -36,7 +37,8 @@ def collector_noise_std(cfg: ConvoyConfig, collector_id: int) -> float:
     (Ape-X gives each actor its own exploration rate; Horgan et al. 2018, sec. 4.1)."""
     n = cfg.collector.num_collectors
     lo, hi = cfg.collector.noise_std, cfg.collector.noise_std_max
-    return lo if n <= 1 else lo + (hi - lo) * collector_id / (n - 1)
+    # Collectors added by `convoy scale` beyond num_collectors reuse the spread cyclically.
+    return lo if n <= 1 else lo + (hi - lo) * (collector_id % n) / (n - 1)
 
 
 class Collector:
@@ -50,6 +52,7 @@ class Collector:
         collector_id: int,
         sink: SegmentSink,
         env_factory: Callable[[], gym.Env],
+        incarnation: int = 0,
     ) -> None:
         self.cfg = cfg
         self.collector_id = collector_id
@@ -58,13 +61,17 @@ class Collector:
         self.env = env_factory()
         self.noise_std = collector_noise_std(cfg, collector_id)
         self.seed = cfg.run.seed + 1000 * (collector_id + 1)
-        self.rng = np.random.default_rng(self.seed)
+        # A replacement (incarnation k > 0) continues its index's seed stream with a new
+        # substream, so it does not replay the episodes its predecessor already collected.
+        self.incarnation = incarnation
+        self.rng = np.random.default_rng(self.seed if incarnation == 0 else (self.seed, incarnation))
         self.policy = Actor(cfg.learner.encoder, cfg.learner.hidden_dim).eval()
         self.policy.requires_grad_(False)
         self.weights_version = 0
         self.run_env_steps = 0
         self.builder = SegmentBuilder(collector_id, cfg.collector.segment_length)
-        # Episode ids are unique across collectors: the collector id in the high bits.
+        # Episode ids are unique across collectors and their replacements: the collector id
+        # in the high bits, then the incarnation.
         self._episode_counter = 0
         self.env_steps_total = 0
         self.episodes_total = 0
@@ -78,6 +85,7 @@ class Collector:
         # Per-episode driving metrics ("driving/..." info keys) of envs that report them (CARLA).
         self.recent_driving: dict[str, deque[float]] = {}
         self.simulator_restarts_total = 0
+        self.env_step_latency = Latency("collector/env_step_seconds")  # a simulator step (CARLA: one tick)
         self._consecutive_crashes = 0
         self.last_acting_version = 0
         self._episode_return = 0.0
@@ -114,7 +122,9 @@ class Collector:
                 seed += 1
                 continue
             self._episode_counter += 1
-            self.builder.start_episode((self.collector_id << 40) | self._episode_counter, obs)
+            self.builder.start_episode(
+                (self.collector_id << 40) | ((self.incarnation & 0xFFF) << 28) | self._episode_counter, obs
+            )
             self._episode_return = 0.0
             return obs
         raise RuntimeError(f"collector {self.collector_id}: env produced invalid observations on 3 resets")
@@ -166,7 +176,9 @@ class Collector:
             version = 0 if self.acting_randomly else self.weights_version
             action = self.act(self._obs)
             try:
+                t0 = time.perf_counter()
                 next_obs, reward, terminated, truncated, info = self.env.step(action)
+                self.env_step_latency.observe(time.perf_counter() - t0)
             except SimulatorCrashed as exc:
                 self._recover_simulator(exc, "step")
                 self._obs = self._reset()
@@ -229,6 +241,7 @@ class Collector:
             "collector/success_rate": mean(self.recent_success),
             "collector/noise_std": self.noise_std,
             "collector/simulator_restarts_total": self.simulator_restarts_total,
+            **self.env_step_latency.metrics(),
             **{f"collector/{key}": mean(values) for key, values in self.recent_driving.items()},
             **(env_metrics() if callable(env_metrics) else {}),
             **self.sink.metrics(),

@@ -8,13 +8,15 @@ from typing import Any
 import ray
 
 from common.config import from_dict
-from common.metrics import MetricsExporter
 from common.protocols import SegmentSink
 
 
-@ray.remote(max_restarts=3, max_task_retries=0)
+# No Ray-level restarts: the driver's supervisor replaces a dead collector itself, so that the
+# replacement gets the newest weights and a fresh seed of its index's stream.
+@ray.remote(max_restarts=0, max_task_retries=0)
 class CollectorActor:
-    """A Collector in its own process, exporting its metrics on its own Prometheus endpoint.
+    """A Collector in its own process. Its metric dict goes back to the driver with every
+    ``collect`` result; the driver exports all metrics, once (common/metrics.py).
 
     ``sink_factory`` builds the segment sink inside this process (deploy/ passes a replay
     writer factory), so only configuration crosses the process boundary, never data.
@@ -25,6 +27,7 @@ class CollectorActor:
         config: dict[str, Any],
         collector_id: int,
         sink_factory: Callable[[], SegmentSink],
+        incarnation: int = 0,
     ) -> None:
         import torch
 
@@ -36,27 +39,44 @@ class CollectorActor:
         torch.set_num_threads(1)
         cfg = from_dict(config)
         self.collector = Collector(
-            cfg, collector_id, sink_factory(), lambda: make_env(cfg.env, cfg.carla, index=collector_id)
-        )
-        self.exporter = (
-            MetricsExporter(cfg.run.metrics_host, labels={"component": "collector", "collector": str(collector_id)})
-            if cfg.run.metrics
-            else None
+            cfg,
+            collector_id,
+            sink_factory(),
+            lambda: make_env(cfg.env, cfg.carla, index=collector_id),
+            incarnation=incarnation,
         )
 
-    def metrics_url(self) -> str | None:
-        return self.exporter.url if self.exporter else None
+    def node(self) -> dict[str, Any]:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "address": ray.util.get_node_ip_address()}
 
     def collect(self, num_steps: int, run_env_steps: int, weights: bytes | None) -> dict[str, float]:
         self.collector.set_run_env_steps(run_env_steps)
         if weights is not None:
             self.collector.set_weights(weights)
-        metrics = self.collector.collect(num_steps)
-        if self.exporter:
-            self.exporter.update(metrics)
-        return metrics
+        return self.collector.collect(num_steps)
 
     def close(self) -> None:
         self.collector.close()
-        if self.exporter:
-            self.exporter.close()
+
+
+@ray.remote(max_restarts=1, max_task_retries=0)
+class EvaluatorActor:
+    """An :class:`actors.evaluator.Evaluator` in its own process with its own simulator
+    (``env_index`` picks its CARLA server the way a collector id does), so evaluations never
+    take a collector's simulator or steps."""
+
+    def __init__(self, config: dict[str, Any], env_index: int) -> None:
+        import torch
+
+        from actors.envs import make_env
+        from actors.evaluator import Evaluator
+
+        torch.set_num_threads(1)  # one small forward pass per step, like a collector
+        cfg = from_dict(config)
+        self.evaluator = Evaluator(cfg, lambda: make_env(cfg.env, cfg.carla, index=env_index))
+
+    def evaluate(self, weights: bytes) -> dict[str, float]:
+        return self.evaluator.evaluate(weights)
+
+    def close(self) -> None:
+        self.evaluator.close()

@@ -19,19 +19,38 @@ from typing import Any, Union
 import yaml
 
 
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """The URL with the password of its credentials replaced by ``***``."""
+    scheme, sep, rest = url.partition("//")
+    if "@" not in rest:
+        return url
+    cred, _, host = rest.rpartition("@")
+    user = cred.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:{REDACTED}@{host}"
+
+
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key, the value and what is allowed."""
 
 
 def _opt(default: Any, doc: str, **constraints: Any) -> Any:
     """A dataclass field with a docstring and validation constraints in its metadata."""
+    if isinstance(default, dict):  # mutable defaults need a factory
+        return field(default_factory=lambda: dict(default), metadata={"doc": doc, **constraints})
     return field(default=default, metadata={"doc": doc, **constraints})
 
 
 @dataclass(frozen=True)
 class RunConfig:
     total_env_steps: int = _opt(200_000, "Stop after this many env steps summed over collectors.", min=1)
-    out_dir: str = _opt("runs/local", "Run directory: checkpoints/, config.yaml, logs.")
+    out_dir: str = _opt(
+        "runs/local",
+        "Run storage: a local path or an fsspec URI (file://, s3://, gs://, memory://) for config.yaml, "
+        "checkpoints/, summary.json and curves; every node writes there directly.",
+    )
     seed: int = _opt(0, "Base seed; collector i uses seed + 1000 * (i + 1).", min=0)
     checkpoint_every_updates: int = _opt(5_000, "Write a checkpoint every this many learner updates.", min=1)
     keep_checkpoints: int = _opt(3, "How many checkpoints stay on disk (oldest removed first).", min=1)
@@ -39,6 +58,22 @@ class RunConfig:
     metrics: bool = _opt(True, "Serve Prometheus metrics from every component.")
     metrics_host: str = _opt("127.0.0.1", "Address the metrics endpoints bind to.")
     ray_address: str = _opt("", "Ray cluster to join ('auto' on a `ray up` cluster); empty starts a local one.")
+    name: str = _opt(
+        "",
+        "Run name: the Ray namespace `convoy scale` finds the run in, and the `run` metric label; empty = the last "
+        "path component of out_dir.",
+    )
+    max_learner_restarts: int = _opt(
+        3, "Learner deaths the run survives (each restarts it from the newest checkpoint); one more ends the run.", min=0
+    )
+    eval_every_updates: int = _opt(
+        5_000,
+        "Evaluate a checkpoint of the newest weights (deterministic policy, fixed seeds, its own actor) every this "
+        "many learner updates; the best by route completion, then return, is kept as checkpoint 'best'. 0 = never.",
+        min=0,
+    )
+    eval_episodes: int = _opt(10, "Episodes per evaluation (seeds eval_seed, eval_seed + 1, ...).", min=1)
+    eval_seed: int = _opt(1_000_003, "Seed of the first evaluation episode; the same seeds every evaluation.", min=0)
 
 
 @dataclass(frozen=True)
@@ -140,6 +175,14 @@ class CollectorConfig:
     segment_length: int = _opt(64, "Steps per replay segment; longer amortises the 4 boundary frames.", min=1, max=4096)
     steps_per_call: int = _opt(64, "Env steps per collect() call between weight refreshes.", min=1)
     num_cpus: float = _opt(1.0, "Ray CPUs reserved per collector.", min=0.0)
+    resources: dict[str, float] | None = _opt(
+        None,
+        "Custom Ray resources each collector requests, e.g. {collector: 1}; null = the backend's default: {} for "
+        "embedded, {carla: 1} for carla (a CARLA collector runs only where a server slot is declared).",
+    )
+    max_failures: int = _opt(
+        5, "Collector failures in a row (no finished episode between) before the run gives up.", min=1
+    )
 
 
 @dataclass(frozen=True)
@@ -147,8 +190,20 @@ class ReplayConfig:
     num_shards: int = _opt(1, "Redis shards started by convoy (ignored when shard_urls is set).", min=1, max=256)
     capacity: int = _opt(100_000, "Transitions kept over all shards; FIFO eviction beyond.", min=1)
     shard_urls: tuple[str, ...] = _opt((), "redis:// URLs of existing shards; empty starts num_shards locally.")
-    bind: str = _opt("127.0.0.1", "Address the shards convoy starts bind to.")
-    password: str = _opt("", "Shard password (requirepass); empty for none.")
+    bind: str = _opt(
+        "auto",
+        "Where convoy-started shards listen: auto = loopback on a local Ray cluster, the node's own address when "
+        "joining a cluster (run.ray_address set; then always with a password); loopback or node to force either.",
+        choices=("auto", "loopback", "node"),
+    )
+    password: str = _opt(
+        "",
+        "Shard password (requirepass). Empty: none for loopback-only runs; on a multi-node cluster a random one "
+        "per run. $CONVOY_REPLAY_PASSWORD is used when this is empty. Never printed or saved (shown as ***).",
+    )
+    shard_resources: dict[str, float] = _opt(
+        {}, "Custom Ray resources each convoy-started shard actor requests (multi-node runs), e.g. {replay: 1}."
+    )
     redis_server: str = _opt("redis-server", "redis-server executable used to start shards.")
     codec: str = _opt(
         "zstd",
@@ -165,7 +220,10 @@ class ReplayConfig:
     )
     index_refresh_s: float = _opt(0.25, "How often the sampler refreshes its view of the shards' contents.", min=0.0)
     samples_per_insert: float = _opt(
-        0.0, "Rate limiter (Reverb SampleToInsertRatio): sampled transitions per inserted transition; 0 = off.", min=0.0
+        256.0,
+        "Rate limiter (Reverb SampleToInsertRatio): sampled transitions per inserted transition, the replay ratio; "
+        "0 = off. learner.batch_size = one update per env step, as TD3's reference (Fujimoto et al. 2018).",
+        min=0.0,
     )
     spi_tolerance: float = _opt(
         65_536.0, "Rate limiter slack in sampled transitions either side of the ratio; >= batch_size / 2.", min=1.0
@@ -179,6 +237,12 @@ class ReplayConfig:
 class LearnerConfig:
     batch_size: int = _opt(256, "Transitions per TD3 update.", min=1)
     device: str = _opt("auto", "Torch device: auto (cuda if present), cpu, cuda or cuda:N.")
+    num_gpus: float | str = _opt(
+        "auto",
+        "GPUs the learner actor requests from Ray: auto = 1 when the cluster has a GPU, else 0 (decided from the "
+        "cluster's resources, never from the driver's machine).",
+    )
+    resources: dict[str, float] = _opt({}, "Custom Ray resources the learner requests, e.g. {learner: 1}.")
     encoder: str = _opt(
         "nature",
         "CNN of actor and critic (each its own copy); 'none' is vector-only.",
@@ -202,10 +266,16 @@ class LearnerConfig:
     precision: str = _opt(
         "auto",
         "Autocast dtype of forward passes: auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
-        "else fp32. Parameters, optimizer state and losses stay fp32.",
+        "else fp32. Only the CNN encoders run in bf16; heads, Q values, targets, losses and parameters are fp32.",
         choices=("auto", "fp32", "bf16"),
     )
     channels_last: bool = _opt(True, "NHWC memory format for the CNNs (faster convolutions on CPU and GPU).")
+    augment: str = _opt(
+        "none",
+        "Image augmentation of sampled batches: shift = DrQ's random shift by up to 4 pixels (Kostrikov et al. "
+        "2020), the same shift for obs and next obs of a transition.",
+        choices=("none", "shift"),
+    )
     compile: bool = _opt(False, "torch.compile the networks (CUDA graphs on CUDA via mode reduce-overhead).")
     max_nonfinite: int = _opt(
         10,
@@ -230,8 +300,15 @@ class ConvoyConfig:
             out[section.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
         return out
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, redact: bool = True) -> str:
+        """YAML of the resolved config; secrets (the shard password, credentials in shard URLs)
+        are shown as ``***`` unless ``redact`` is False. Printed and saved configs are redacted."""
+        data = self.to_dict()
+        if redact:
+            if data["replay"]["password"]:
+                data["replay"]["password"] = REDACTED
+            data["replay"]["shard_urls"] = [redact_url(u) for u in data["replay"]["shard_urls"]]
+        return yaml.safe_dump(data, sort_keys=False)
 
     def replace(self, *overrides: str) -> ConvoyConfig:
         """A copy with dotted overrides applied and validated."""
@@ -250,6 +327,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of str to {_type_name(typing.get_args(tp)[1])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -282,6 +361,27 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
+    elif origin is dict:
+        # Ray resource maps: YAML mappings, or "name:amount,name:amount" on the command line.
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            pairs = [p for p in value.split(",") if p.strip()]
+            try:
+                value = {k.strip(): yaml.safe_load(v) for k, v in (p.split(":", 1) for p in pairs)}
+            except ValueError:
+                raise ConfigError(f"{key}={value!r}: expected a mapping like {{collector: 1}} or 'collector:1'") from None
+        if isinstance(value, dict):
+            _, val_tp = typing.get_args(tp)
+            out = {}
+            for k, v in value.items():
+                if not isinstance(k, str) or not k:
+                    raise ConfigError(f"{key}: resource names must be non-empty strings, got {k!r}")
+                amount = _coerce(f"{key}.{k}", v, val_tp)
+                if amount < 0:
+                    raise ConfigError(f"{key}.{k}={v!r}: must be >= 0")
+                out[k] = amount
+            return out
     elif origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         if value is None:
@@ -354,6 +454,9 @@ def from_dict(data: typing.Mapping[str, Any] | None, overrides: typing.Iterable[
         section, key, value = parse_override(text)
         merged[section][key] = value
     sections = {name: _build_section(name, merged[name]) for name in _SECTIONS}
+    if sections["replay"].password == REDACTED:
+        # A saved (redacted) config: the secret was never stored, so it counts as unset.
+        sections["replay"] = dataclasses.replace(sections["replay"], password="")
     cfg = ConvoyConfig(**sections)
     _check_cross_field(cfg)
     return cfg
@@ -372,6 +475,9 @@ def _check_cross_field(cfg: ConvoyConfig) -> None:
             f"(>= {shards * cfg.collector.segment_length} with {shards} shard(s) of "
             f"collector.segment_length={cfg.collector.segment_length})"
         )
+    ng = cfg.learner.num_gpus
+    if isinstance(ng, str) and ng != "auto" or not isinstance(ng, str) and ng < 0:
+        raise ConfigError(f"learner.num_gpus={ng!r}: allowed: 'auto' or a number >= 0")
     dev = cfg.learner.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"learner.device={dev!r}: allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")

@@ -11,6 +11,13 @@ Encoders (``learner.encoder``):
                     reduced (2, 1, 1) so 84x84 still leaves a 3x3 map, then fc 512.
 ``none``            no image: features are empty and the heads see only the vector (for
                     vector-only tasks such as the Pendulum learning test).
+
+Precision: only the CNN encoders may run in reduced precision. ``ConvEncoder.autocast_dtype``
+(set by the learner from ``learner.precision``) runs the convolutions and the fc layer under
+autocast and returns fp32 features; the MLP heads, the vector, the action and every Q value
+are always fp32 (autocast is switched off around them, so an outer autocast cannot reach
+them). Q values and TD targets here are of order 10-100; bf16 keeps 8 significant bits, so
+between 64 and 128 its grid has steps of 0.5, as large as one step's reward.
 """
 
 from __future__ import annotations
@@ -30,7 +37,12 @@ def _to_float(image: torch.Tensor) -> torch.Tensor:
 
 
 class ConvEncoder(nn.Module):
-    """uint8 or float image (B, C, H, W) -> features (B, 512)."""
+    """uint8 or float image (B, C, H, W) -> fp32 features (B, 512).
+
+    With ``autocast_dtype`` set (bf16), the CNN runs under autocast; the features it returns
+    are cast back to fp32 so nothing after the encoder sees a reduced-precision tensor."""
+
+    autocast_dtype: torch.dtype | None = None
 
     def __init__(self, convs: nn.Sequential, in_channels: int, image_size: int) -> None:
         super().__init__()
@@ -41,7 +53,12 @@ class ConvEncoder(nn.Module):
         self.out_dim: int = FEATURE_DIM
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.convs(_to_float(image)).flatten(1))
+        x = _to_float(image)
+        if self.autocast_dtype is None:
+            return self.fc(self.convs(x).flatten(1))
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+            features = self.fc(self.convs(x).flatten(1))
+        return features.float()
 
 
 def nature_cnn(in_channels: int = IMAGE_SHAPE[0], image_size: int = IMAGE_SHAPE[1]) -> ConvEncoder:
@@ -76,6 +93,7 @@ class NoImage(nn.Module):
     """No CNN: empty features, so the heads see only the vector."""
 
     out_dim: int = 0
+    autocast_dtype: torch.dtype | None = None  # nothing to run in reduced precision
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return image.new_zeros((image.shape[0], 0), dtype=torch.float32)
@@ -89,6 +107,22 @@ def make_encoder(name: str) -> ConvEncoder | NoImage:
     if name == "none":
         return NoImage()
     raise ValueError(f"learner.encoder={name!r}: allowed: {', '.join(map(repr, ENCODERS))}")
+
+
+def set_encoder_precision(module: nn.Module, dtype: torch.dtype | None) -> None:
+    """Run every CNN encoder inside ``module`` under autocast ``dtype`` (None: fp32)."""
+    for m in module.modules():
+        if isinstance(m, ConvEncoder):
+            m.autocast_dtype = dtype
+
+
+def _fp32(*tensors: torch.Tensor) -> torch.Tensor:
+    """The heads' input: features, vector (and action) concatenated in fp32."""
+    return torch.cat([t.float() for t in tensors], dim=-1)
+
+
+def _no_autocast(t: torch.Tensor) -> torch.autocast:
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -108,7 +142,8 @@ class Actor(nn.Module):
         self.head = _mlp(self.encoder.out_dim + vector_dim, hidden_dim, action_dim)
 
     def act(self, features: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.head(torch.cat([features, vector.to(features.dtype)], dim=-1)))
+        with _no_autocast(features):
+            return torch.tanh(self.head(_fp32(features, vector)))
 
     def forward(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         return self.act(self.encoder(image), vector)
@@ -126,17 +161,16 @@ class Critic(nn.Module):
         self.q1 = _mlp(in_dim, hidden_dim, 1)
         self.q2 = _mlp(in_dim, hidden_dim, 1)
 
-    def _joint(self, features: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return torch.cat([features, vector.to(features.dtype), action.to(features.dtype)], dim=-1)
-
     def heads(
         self, features: torch.Tensor, vector: torch.Tensor, action: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self._joint(features, vector, action)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+        with _no_autocast(features):
+            x = _fp32(features, vector, action)
+            return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
 
     def q1_head(self, features: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.q1(self._joint(features, vector, action)).squeeze(-1)
+        with _no_autocast(features):
+            return self.q1(_fp32(features, vector, action)).squeeze(-1)
 
     def forward(
         self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor

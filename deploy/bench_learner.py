@@ -238,7 +238,7 @@ def run(
 
     # Fed: convoy's learner through the real writer, shard and sampler.
     _say(f"fed: filling a redis-server shard with {replay_transitions} transitions ...")
-    with ShardSet(num_shards=1, host=cfg.replay.bind, executable=cfg.replay.redis_server) as shards:
+    with ShardSet(num_shards=1, executable=cfg.replay.redis_server) as shards:
         writer = ReplayWriter(shards.urls, cfg.replay.capacity, cfg.replay.codec)
         written, i = 0, 0
         while written < replay_transitions:

@@ -1,31 +1,42 @@
-"""The Ray driver: starts shards, collectors and the learner, keeps them busy, reports progress.
+"""The Ray driver: places the shards, the learner and the collectors, then supervises them.
 
-Each actor always has exactly one call in flight: collectors ``collect(steps_per_call)`` and
-the learner ``train(updates_per_call)``. When a call returns, the driver records its
-metrics and submits the next one, handing the newest weight message (one ``ray.put``
-shared by all collectors) to collectors that do not have it yet.
+Placement is by Ray resources, never by the driver's machine: collectors ask for
+``collector.resources`` (``{carla: 1}`` for CARLA), the learner for ``learner.num_gpus``
+(``auto``: one when the cluster has a GPU) and ``learner.resources``, shard actors for
+``replay.shard_resources`` and spread over nodes. Nothing assumes that two pieces share a
+machine: shards advertise their node's address (loopback only on a local single-node Ray),
+and everything the run writes goes to ``run.out_dir``, a path or an fsspec URI.
+
+The loop itself (one call in flight per actor, replacing what dies) is
+:class:`deploy.supervisor.Supervisor`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import math
 import os
+import secrets
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from common import storage
 from common.config import ConfigError, ConvoyConfig
 from common.metrics import MetricsExporter
+from deploy.supervisor import Factories, GiveUp, Progress, Supervisor
 from replay_service.sampler import ReplaySampler
-from replay_service.shards import ShardSet, redact
+from replay_service.shards import check_shard, redact
 from replay_service.writer import ReplayWriter
 
 log = logging.getLogger(__name__)
+
+PASSWORD_ENV = "CONVOY_REPLAY_PASSWORD"
 
 
 def _min_size_to_sample(cfg: ConvoyConfig) -> int:
@@ -47,7 +58,7 @@ def sink_factory(cfg: ConvoyConfig, urls: list[str], collector_id: int) -> funct
 
 
 def source_factory(cfg: ConvoyConfig, urls: list[str], pin_memory: bool) -> functools.partial[ReplaySampler]:
-    """The learner's sampler; ``pin_memory`` is True exactly when the learner runs on CUDA."""
+    """The learner's sampler; ``pin_memory`` is True exactly when the learner runs on a GPU."""
     return functools.partial(
         ReplaySampler,
         urls,
@@ -64,75 +75,39 @@ def source_factory(cfg: ConvoyConfig, urls: list[str], pin_memory: bool) -> func
     )
 
 
-@dataclass
-class Progress:
-    """What the driver knows about the run, from the metric dicts the actors return."""
+def run_name(cfg: ConvoyConfig) -> str:
+    """``run.name``, else the last path component of ``run.out_dir``."""
+    return cfg.run.name or storage.basename(cfg.run.out_dir) or "run"
 
-    start: float = field(default_factory=time.monotonic)
-    base_env_steps: int = 0  # counters of the run before a resume: rates count only this run's work
-    base_updates: int = 0
-    collector: dict[int, dict[str, float]] = field(default_factory=dict)
-    learner: dict[str, float] = field(default_factory=dict)
-    _last_t: float = field(default_factory=time.monotonic)
-    _last_steps: int = 0
-    _last_updates: int = 0
 
-    @property
-    def env_steps(self) -> int:
-        return self.base_env_steps + int(sum(m.get("collector/env_steps_total", 0) for m in self.collector.values()))
+def collector_resources(cfg: ConvoyConfig) -> dict[str, float]:
+    """``collector.resources``, or the backend's default: a CARLA collector needs a server slot."""
+    if cfg.collector.resources is not None:
+        return dict(cfg.collector.resources)
+    return {"carla": 1.0} if cfg.env.backend == "carla" else {}
 
-    def resumed_from(self, env_steps: int, updates: int) -> None:
-        self.base_env_steps = self._last_steps = env_steps
-        self.base_updates = self._last_updates = updates
 
-    @property
-    def updates(self) -> int:
-        return int(self.learner.get("learner/updates_total", 0))
+def learner_gpus(cfg: ConvoyConfig, cluster: dict[str, float]) -> float:
+    """``learner.num_gpus``; ``auto`` is decided from the cluster's resources, not from torch here."""
+    if cfg.learner.num_gpus == "auto":
+        return 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+    return float(cfg.learner.num_gpus)
 
-    def summary(self) -> dict[str, float]:
-        eps = sum(m.get("collector/episodes_total", 0) for m in self.collector.values())
-        returns = [
-            m["collector/last_episode_return"]
-            for m in self.collector.values()
-            if not math.isnan(m.get("collector/last_episode_return", math.nan))
-        ]
-        elapsed = time.monotonic() - self.start
-        new_steps = self.env_steps - self.base_env_steps
-        return {
-            "run/env_steps_total": self.env_steps,
-            "run/updates_total": self.updates,
-            "run/episodes_total": eps,
-            "run/elapsed_seconds": elapsed,
-            "run/env_steps_per_s": new_steps / max(elapsed, 1e-9),
-            "run/updates_per_s": (self.updates - self.base_updates) / max(elapsed, 1e-9),
-            "run/replay_size": self.learner.get("replay_sampler/size", 0),
-            "run/weights_version": self.learner.get("learner/weights_version", 0),
-            "run/max_acting_version": max(
-                (m.get("collector/last_acting_version", 0) for m in self.collector.values()), default=0
-            ),
-            "run/last_episode_return": returns[-1] if returns else math.nan,
-            "run/replay_bytes_written_total": sum(
-                m.get("replay_writer/bytes_total", 0) for m in self.collector.values()
-            ),
-            "run/replay_transitions_written_total": sum(
-                m.get("replay_writer/transitions_total", 0) for m in self.collector.values()
-            ),
-        }
 
-    def line(self) -> str:
-        now = time.monotonic()
-        dt = max(now - self._last_t, 1e-9)
-        steps, updates = self.env_steps, self.updates
-        sps, ups = (steps - self._last_steps) / dt, (updates - self._last_updates) / dt
-        self._last_t, self._last_steps, self._last_updates = now, steps, updates
-        s = self.summary()
-        ret = s["run/last_episode_return"]
-        return (
-            f"[{now - self.start:7.1f}s] env_steps {steps:>8d} ({sps:6.1f}/s) | updates {updates:>7d} ({ups:5.1f}/s) | "
-            f"replay {int(s['run/replay_size']):>7d} | episodes {int(s['run/episodes_total']):>5d} | "
-            f"last_return {ret:8.2f} | weights v{int(s['run/weights_version'])} "
-            f"acting v{int(s['run/max_acting_version'])}"
-        )
+def resolve_secrets(cfg: ConvoyConfig, shards_on_node_addresses: bool) -> tuple[ConvoyConfig, str]:
+    """The config with its shard password filled in, and a line saying where it came from.
+
+    Precedence: ``replay.password``, then ``$CONVOY_REPLAY_PASSWORD``, then (only when shards
+    convoy starts listen on node addresses) a random one for this run. The password reaches
+    actors only through their constructor arguments and is redacted wherever it is shown."""
+    password, source = cfg.replay.password, "replay.password"
+    if not password and os.environ.get(PASSWORD_ENV):
+        password, source = os.environ[PASSWORD_ENV], f"${PASSWORD_ENV}"
+    if not password and shards_on_node_addresses and not cfg.replay.shard_urls:
+        password, source = secrets.token_urlsafe(24), "generated for this run (shards listen on node addresses)"
+    if not password:
+        return cfg, "none (shards on loopback only)"
+    return dataclasses.replace(cfg, replay=dataclasses.replace(cfg.replay, password=password)), source
 
 
 class _Stop(Exception):
@@ -143,29 +118,63 @@ def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
-def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None = None) -> dict[str, float]:
-    """Run training to ``run.total_env_steps`` (or Ctrl-C / SIGTERM); returns the final summary.
+def _local_resources(cfg: ConvoyConfig) -> dict[str, float]:
+    """Custom resources a local (single-machine) Ray cluster declares, so that a run config
+    written for a cluster (``{carla: 1}`` per collector, ``{replay: 1}`` per shard) also runs
+    on one machine."""
+    out: dict[str, float] = {}
 
-    With ``resume`` (a run or checkpoint directory) the learner continues exactly from the
-    newest checkpoint and env steps count on from its counter; replay starts empty unless
-    ``replay.shard_urls`` points at shards that kept their data."""
+    def add(res: dict[str, float], times: int) -> None:
+        for k, v in res.items():
+            out[k] = out.get(k, 0.0) + v * times
+
+    add(collector_resources(cfg), cfg.collector.num_collectors)
+    add(dict(cfg.learner.resources), 1)
+    if not cfg.replay.shard_urls:
+        add(dict(cfg.replay.shard_resources), cfg.replay.num_shards)
+    return out
+
+
+def _wait(refs: list[Any], what: str, out: TextIO, say_every_s: float = 15.0) -> list[Any]:
+    """ray.get that says what it waits for (a node the autoscaler is still starting)."""
     import ray
-    import torch
+
+    t0 = time.monotonic()
+    while True:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=say_every_s)
+        if len(ready) == len(refs):
+            return list(ray.get(refs))
+        print(f"waiting for {what} to be placed ({time.monotonic() - t0:.0f}s)", file=out, flush=True)
+
+
+def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None = None) -> dict[str, Any]:
+    """Run training to ``run.total_env_steps`` (or Ctrl-C / SIGTERM / a piece that keeps
+    failing); returns the end-of-run summary, also written to ``<run.out_dir>/summary.json``.
+
+    With ``resume`` (a run or checkpoint, path or URI) the learner continues exactly from
+    its newest complete checkpoint and env steps count on from its counter; replay starts
+    empty unless ``replay.shard_urls`` points at shards that kept their data."""
+    import ray
 
     from actors.remote import CollectorActor
+    from deploy.control import CONTROL_NAME, RunControl, namespace_for
+    from learner.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
     from learner.remote import LearnerActor
+    from replay_service.remote import ShardActor
 
-    run_dir = Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    joined = bool(cfg.run.ray_address)
+    bind = cfg.replay.bind if cfg.replay.bind != "auto" else ("node" if joined else "loopback")
+    cfg, password_source = resolve_secrets(cfg, shards_on_node_addresses=bind == "node")
+    run_uri = cfg.run.out_dir
+    name = run_name(cfg)
+    storage.write_text(storage.join(run_uri, "config.yaml"), cfg.to_yaml())
     print("resolved config:\n" + "\n".join("  " + ln for ln in cfg.to_yaml().splitlines()), file=out, flush=True)
+    print(f"run {name!r}: storage {storage.redact(run_uri)}; shard password: {password_source}", file=out, flush=True)
 
     progress = Progress()
     if resume is not None:
-        from learner.checkpoint import load_checkpoint, resolve_checkpoint
-
         # Resolved once: the driver's counters and the learner's state come from the same checkpoint.
-        resume = resolve_checkpoint(resume)
+        resume = str(resolve_checkpoint(resume))
         state = load_checkpoint(resume, networks=(), full=False).state
         progress.resumed_from(int(state.get("env_steps", 0)), int(state["updates"]))
         if progress.base_env_steps >= cfg.run.total_env_steps:
@@ -175,156 +184,184 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
                 f"run.total_env_steps={progress.base_env_steps + 100_000}"
             )
     previous_term = signal.signal(signal.SIGTERM, _raise_stop)
-    summary: dict[str, float] = {}
-    shards = ShardSet(
-        num_shards=cfg.replay.num_shards,
-        urls=cfg.replay.shard_urls,
-        host=cfg.replay.bind,
-        password=cfg.replay.password,
-        executable=cfg.replay.redis_server,
-    )
-    ray_started = False
+    summary: dict[str, Any] = {}
+    namespace = namespace_for(name)
     try:
-        print(f"replay shards: {', '.join(redact(u) for u in shards.urls)}", file=out, flush=True)
-        use_gpu = cfg.learner.device.startswith("cuda") or (cfg.learner.device == "auto" and torch.cuda.is_available())
-        needed_cpus = math.ceil(cfg.collector.num_collectors * cfg.collector.num_cpus) + 1
-        if cfg.run.ray_address:
-            ray.init(address=cfg.run.ray_address, logging_level=logging.WARNING)
+        if joined:
+            ray.init(address=cfg.run.ray_address, namespace=namespace, logging_level=logging.WARNING)
         else:
+            needed_cpus = math.ceil(cfg.collector.num_collectors * cfg.collector.num_cpus) + 1
             # Logical CPUs: on a small machine collectors and learner share cores by design.
             ray.init(
                 num_cpus=max(needed_cpus, os.cpu_count() or 1),
                 include_dashboard=False,
                 logging_level=logging.WARNING,
                 object_store_memory=256 * 1024**2,
-                # One "carla" slot per collector on a local cluster; on `ray up` clusters each
-                # node declares how many CARLA servers it can run (README, "Running with CARLA").
-                resources={"carla": cfg.collector.num_collectors} if cfg.env.backend == "carla" else None,
+                namespace=namespace,
+                resources=_local_resources(cfg) or None,
             )
-        ray_started = True
-        config_dict = cfg.to_dict()
-        collectors = [
-            CollectorActor.options(  # type: ignore[attr-defined]
-                num_cpus=cfg.collector.num_cpus,
-                # A CARLA collector owns a server: place it only where a server slot is free.
-                resources={"carla": 1} if cfg.env.backend == "carla" else None,
-            ).remote(config_dict, i, sink_factory(cfg, shards.urls, i))
-            for i in range(cfg.collector.num_collectors)
-        ]
-        learner = LearnerActor.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(  # type: ignore[attr-defined]
-            config_dict, source_factory(cfg, shards.urls, pin_memory=use_gpu), str(run_dir)
+        try:
+            ray.get_actor(CONTROL_NAME, namespace=namespace)
+            raise ConfigError(
+                f"a run named {name!r} is already running on this cluster (namespace {namespace!r}); "
+                "set run.name or run.out_dir to another name"
+            )
+        except ValueError:
+            pass
+        control = RunControl.options(name=CONTROL_NAME, namespace=namespace).remote(  # type: ignore[attr-defined]
+            cfg.collector.num_collectors
         )
+        config_dict = cfg.to_dict()  # unredacted: constructor arguments are the one way secrets travel
+
+        # ----- replay shards -----
+        def make_shard(index: int, port: int) -> Any:
+            return ShardActor.options(  # type: ignore[attr-defined]
+                resources=dict(cfg.replay.shard_resources) or None,
+                scheduling_strategy="SPREAD",
+                name=f"shard-{index}",
+                namespace=namespace,
+            ).remote(index, bind, port, cfg.replay.password, cfg.replay.redis_server)
+
+        shard_actors: list[Any] = []
+        if cfg.replay.shard_urls:
+            urls = list(cfg.replay.shard_urls)
+            for url in urls:
+                check_shard(url, cfg.replay.password)
+            print(f"replay shards (given): {', '.join(redact(u) for u in urls)}", file=out, flush=True)
+        else:
+            shard_actors = [make_shard(i, 0) for i in range(cfg.replay.num_shards)]
+            urls = _wait([s.url.remote() for s in shard_actors], "replay shards", out)
+            nodes = ray.get([s.node.remote() for s in shard_actors])
+            for i, (url, node) in enumerate(zip(urls, nodes, strict=True)):
+                print(f"placement: shard {i} -> node {node['address']} ({redact(url)})", file=out, flush=True)
+            for url in urls:
+                check_shard(url, cfg.replay.password)
+
+        # ----- learner -----
+        gpus = learner_gpus(cfg, ray.cluster_resources())
+
+        def make_learner() -> Any:
+            return LearnerActor.options(  # type: ignore[attr-defined]
+                num_cpus=1, num_gpus=gpus, resources=dict(cfg.learner.resources) or None
+            ).remote(config_dict, source_factory(cfg, urls, pin_memory=gpus > 0), run_uri)
+
+        learner = make_learner()
+        (lnode,) = _wait([learner.node.remote()], "the learner", out)
+        print(f"placement: learner -> node {lnode['address']} ({lnode['device']}, {gpus:g} GPU)", file=out, flush=True)
         if resume is not None:
-            info = ray.get(learner.restore.remote(str(resume)))
+            info = ray.get(learner.restore.remote(resume))
             print(
                 f"resumed from {info['checkpoint']}: updates {info['updates']}, env_steps {info['env_steps']}",
                 file=out,
                 flush=True,
             )
-        exporter = MetricsExporter(cfg.run.metrics_host, labels={"component": "driver"}) if cfg.run.metrics else None
-        if exporter:
-            urls = ray.get([c.metrics_url.remote() for c in collectors] + [learner.metrics_url.remote()])
-            print("metrics endpoints:", file=out)
-            print(f"  driver      {exporter.url}", file=out)
-            for i, u in enumerate(urls[:-1]):
-                print(f"  collector {i} {u}", file=out)
-            print(f"  learner     {urls[-1]}", file=out, flush=True)
-        try:
-            summary = _loop(cfg, collectors, learner, progress, exporter, out)
-        except (KeyboardInterrupt, _Stop) as exc:
-            print(f"\nstopping ({type(exc).__name__} {exc}); writing a final checkpoint", file=out, flush=True)
-        ckpt = ray.get(learner.checkpoint.remote(progress.env_steps))
-        print(f"final checkpoint: {ckpt}", file=out, flush=True)
-        summary = progress.summary()
-        summary_line = (
-            f"done: env_steps {int(summary['run/env_steps_total'])} ({summary['run/env_steps_per_s']:.1f}/s), "
-            f"updates {int(summary['run/updates_total'])} ({summary['run/updates_per_s']:.2f}/s), "
-            f"weights v{int(summary['run/weights_version'])}, "
-            f"collectors acted with up to v{int(summary['run/max_acting_version'])}"
-        )
-        written = summary["run/replay_transitions_written_total"]
-        if written:
-            summary_line += f", {summary['run/replay_bytes_written_total'] / written:.0f} replay bytes/transition"
-        print(summary_line, file=out, flush=True)
-        for actor in [*collectors, learner]:
+
+        # ----- collectors (placed as resources allow; the run starts with the first) -----
+        coll_res = collector_resources(cfg)
+
+        def make_collector(index: int, incarnation: int) -> Any:
+            return CollectorActor.options(  # type: ignore[attr-defined]
+                num_cpus=cfg.collector.num_cpus, resources=coll_res or None
+            ).remote(config_dict, index, sink_factory(cfg, urls, index), incarnation)
+
+        def newest_checkpoint() -> str | None:
             try:
-                ray.get(actor.close.remote(), timeout=10)
-            except Exception as exc:  # shutting down: report, keep closing the rest
-                log.warning("closing an actor failed: %s", exc)
-        if exporter:
-            exporter.close()
+                return str(resolve_checkpoint(run_uri))
+            except CheckpointError:
+                return None
+
+        exporter = MetricsExporter(cfg.run.metrics_host, labels={"component": "driver"}) if cfg.run.metrics else None
+        supervisor = Supervisor(
+            cfg,
+            Factories(collector=make_collector, learner=make_learner, shard=make_shard if shard_actors else None),
+            learner,
+            shard_actors,
+            progress,
+            out,
+            control=control,
+            restore_path=newest_checkpoint,
+            on_tick=(lambda p: exporter.update(p.summary())) if exporter else None,
+        )
+        supervisor.shard_ports = [int(u.rsplit(":", 1)[1].split("/", 1)[0]) for u in urls] if shard_actors else []
+        exit_reason = "budget"
+        try:
+            try:
+                exit_reason = supervisor.run()
+            except (KeyboardInterrupt, _Stop) as exc:
+                exit_reason = "interrupted"
+                print(f"\nstopping ({type(exc).__name__} {exc}); writing a final checkpoint", file=out, flush=True)
+            except GiveUp as exc:
+                exit_reason = f"gave_up: {exc}"
+                print(f"\ngiving up: {exc}; writing a final checkpoint", file=out, flush=True)
+            supervisor.finish()
+        finally:
+            summary = _finish(cfg, supervisor, progress, exit_reason, out)
+            _close(supervisor, shard_actors, control)
+            if exporter:
+                exporter.close()
     finally:
-        if ray_started:
+        if ray.is_initialized():
             ray.shutdown()
-        shards.close()
         signal.signal(signal.SIGTERM, previous_term)
     return summary
 
 
-def _loop(
-    cfg: ConvoyConfig,
-    collectors: list[Any],
-    learner: Any,
-    progress: Progress,
-    exporter: MetricsExporter | None,
-    out: TextIO,
-) -> dict[str, float]:
+def _finish(
+    cfg: ConvoyConfig, supervisor: Supervisor, progress: Progress, exit_reason: str, out: TextIO
+) -> dict[str, Any]:
+    """Final checkpoint, summary line and ``summary.json``: written at every end."""
     import ray
 
-    total = cfg.run.total_env_steps
-    per_call = cfg.collector.steps_per_call
-    weights_ref: Any = None
-    weights_version = 0
-    sent_version = [0] * len(collectors)
-    in_flight_steps = 0
-    pending: dict[Any, tuple[str, int, int]] = {}
+    final: str | None = None
+    try:
+        final = str(ray.get(supervisor.learner.checkpoint.remote(progress.env_steps), timeout=600))
+        print(f"final checkpoint: {final}", file=out, flush=True)
+    except Exception as exc:  # the learner may be the piece that failed; the summary still gets written
+        print(f"final checkpoint: none ({type(exc).__name__}: {exc})", file=out, flush=True)
+    s = progress.summary()
+    summary: dict[str, Any] = {
+        "run": run_name(cfg),
+        "exit_reason": exit_reason,
+        "env_steps": int(s["run/env_steps_total"]),
+        "updates": int(s["run/updates_total"]),
+        "weights_version": int(s["run/weights_version"]),
+        "collector_restarts": progress.counts.collector_restarts,
+        "learner_restarts": progress.counts.learner_restarts,
+        "shard_restarts": progress.counts.shard_restarts,
+        "dropped_transitions": int(s["run/dropped_transitions_total"]),
+        "corrupt_segments": int(s["run/corrupt_segments_total"]),
+        "final_checkpoint": final,
+        "elapsed_seconds": round(s["run/elapsed_seconds"], 2),
+        "env_steps_per_s": round(s["run/env_steps_per_s"], 2),
+        "updates_per_s": round(s["run/updates_per_s"], 3),
+        "samples_per_insert": round(s["run/samples_per_insert"], 3),
+        "restart_seconds": supervisor.restart_times,
+    }
+    storage.write_text(storage.join(cfg.run.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    line = (
+        f"done ({exit_reason.split(':', 1)[0]}): env_steps {summary['env_steps']} ({s['run/env_steps_per_s']:.1f}/s), "
+        f"updates {summary['updates']} ({s['run/updates_per_s']:.2f}/s), "
+        f"weights v{summary['weights_version']}, "
+        f"collectors acted with up to v{int(s['run/max_acting_version'])}"
+    )
+    written = s["run/replay_transitions_written_total"]
+    if written:
+        line += f", {s['run/replay_bytes_written_total'] / written:.0f} replay bytes/transition"
+    print(line, file=out, flush=True)
+    return summary
 
-    def submit_collect(i: int) -> None:
-        nonlocal in_flight_steps
-        steps = min(per_call, total - progress.env_steps - in_flight_steps)
-        if steps <= 0:
-            return
-        send = weights_ref if sent_version[i] < weights_version else None
-        if send is not None:
-            sent_version[i] = weights_version
-        ref = collectors[i].collect.remote(steps, progress.env_steps + in_flight_steps, send)
-        in_flight_steps += steps
-        pending[ref] = ("collector", i, steps)
 
-    def submit_train() -> None:
-        ref = learner.train.remote(cfg.learner.updates_per_call, progress.env_steps)
-        pending[ref] = ("learner", 0, 0)
+def _close(supervisor: Supervisor, shard_actors: list[Any], control: Any) -> None:
+    import ray
 
-    for i in range(len(collectors)):
-        submit_collect(i)
-    submit_train()
-    next_print = time.monotonic() + cfg.run.progress_every_s
-    while progress.env_steps < total:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
-        for ref in done:
-            kind, i, steps = pending.pop(ref)
-            if kind == "collector":
-                in_flight_steps -= steps
-                progress.collector[i] = ray.get(ref)
-                submit_collect(i)
-            else:
-                metrics, published = ray.get(ref)
-                progress.learner = metrics
-                if published is not None:
-                    weights_version, weights = published
-                    weights_ref = ray.put(weights)
-                submit_train()
-        if exporter:
-            exporter.update(progress.summary())
-        if time.monotonic() >= next_print:
-            print(progress.line(), file=out, flush=True)
-            next_print = time.monotonic() + cfg.run.progress_every_s
-        if not any(kind == "collector" for kind, _, _ in pending.values()) and progress.env_steps < total:
-            raise RuntimeError("no collector call in flight before the step budget was reached")
-    # Let the learner's last call finish so its counters are final.
-    for ref, (kind, _, _) in list(pending.items()):
-        result = ray.get(ref)
-        if kind == "learner":
-            progress.learner = result[0]
-    print(progress.line(), file=out, flush=True)
-    return progress.summary()
+    refs = [a.close.remote() for a in [*supervisor.live_actors(), *supervisor.shards]]
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=15)
+        except Exception as exc:  # shutting down: report, keep closing the rest
+            log.warning("closing an actor failed: %s", exc)
+    for actor in [*supervisor.live_actors(), *supervisor.shards, control]:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as exc:
+            log.debug("killing an actor at shutdown: %s", exc)

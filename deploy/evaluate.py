@@ -16,11 +16,21 @@ from common.networks import Actor
 from learner.checkpoint import load_checkpoint, resolve_checkpoint
 
 
-def evaluate(checkpoint: str | Path, episodes: int, seed: int = 1_000_003, log: TextIO = sys.stderr) -> dict[str, Any]:
-    """Mean return, route completion and success rate over ``episodes`` episodes (no noise)."""
+def evaluate(
+    checkpoint: str | Path,
+    episodes: int,
+    seed: int = 1_000_003,
+    log: TextIO = sys.stderr,
+    name: str = "latest",
+) -> dict[str, Any]:
+    """Mean return, route completion and success rate over ``episodes`` episodes (no noise).
+
+    ``checkpoint`` is a checkpoint URI, or a run URI in which ``name`` (``latest``, ``best``
+    or ``ckpt-<updates>``) picks one; any local path or fsspec URI (learner.checkpoint).
+    """
     if episodes < 1:
         raise ValueError(f"--episodes={episodes}: must be >= 1")
-    path = resolve_checkpoint(checkpoint)
+    path = resolve_checkpoint(checkpoint, name)
     data = load_checkpoint(path, networks=("actor",), full=False)
     cfg = from_dict(yaml.safe_load(data.config_yaml))
     torch.set_num_threads(1)
@@ -64,7 +74,7 @@ def evaluate(checkpoint: str | Path, episodes: int, seed: int = 1_000_003, log: 
         "route_completion": float(np.mean(completion)),
         "success_rate": float(np.mean(success)),
         "mean_episode_steps": float(np.mean(lengths)),
-        "checkpoint": str(path),
+        "checkpoint": path,
         "updates": int(data.state.get("updates", 0)),
         "weights_version": int(data.state.get("weights_version", 0)),
         **{key: float(np.mean(values)) for key, values in driving.items()},

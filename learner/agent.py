@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterator
@@ -11,9 +10,10 @@ from typing import Any
 import torch
 
 from common.config import LearnerConfig
-from common.networks import Actor, Critic
+from common.networks import Actor, Critic, set_encoder_precision
 from common.schema import ACTION_DIM, VECTOR_DIM, Batch
 from learner import td3
+from learner.augment import augment_batch
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,10 @@ class TD3Agent:
 
     Each optimizer holds exactly its own network's parameters (CNN and head in separate
     groups with their own learning rates), so the actor loss can never step the critic's CNN
-    and vice versa. Parameters, optimizer state, targets and losses are fp32; only forward
-    passes run under autocast when ``learner.precision`` resolves to bf16.
+    and vice versa. When ``learner.precision`` resolves to bf16, only the four CNN encoders
+    (online and target) run under bf16 autocast; their features come back as fp32 and the
+    heads, Q values, targets, losses, parameters and optimizer state are fp32
+    (common/networks.py says why).
     """
 
     def __init__(
@@ -74,6 +76,8 @@ class TD3Agent:
         if self.channels_last:
             self.actor.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             self.critic.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        set_encoder_precision(self.actor, self.autocast_dtype)
+        set_encoder_precision(self.critic, self.autocast_dtype)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         # Fused Adam on CUDA is one kernel for all parameters; on CPU the foreach path is the fast one.
@@ -122,40 +126,46 @@ class TD3Agent:
         self._actor_target_fwd = torch.compile(self.actor_target, mode=mode, dynamic=False)
         self._critic_target_fwd = torch.compile(self.critic_target, mode=mode, dynamic=False)
 
-    def autocast(self) -> contextlib.AbstractContextManager[None]:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def prepare(self, batch: Batch) -> Batch:
-        """Move a batch to the device (non-blocking from pinned memory) in the networks' layout."""
+        """Move a batch to the device (non-blocking from pinned memory), apply
+        ``learner.augment`` there, and lay it out as the networks want."""
         batch = batch.to(self.device, non_blocking=self.device.type == "cuda")
+        if self.cfg.augment != "none" and self.cfg.encoder != "none":
+            batch = augment_batch(batch, self.cfg.augment)
         if self.channels_last and batch.image.dim() == 4:
             batch.image = batch.image.contiguous(memory_format=torch.channels_last)
             batch.next_image = batch.next_image.contiguous(memory_format=torch.channels_last)
         return batch
+
+    @torch.no_grad()
+    def td_target(self, batch: Batch) -> torch.Tensor:
+        """The clipped double-Q target of a prepared batch (fp32; draws smoothing noise)."""
+        cfg = self.cfg
+        next_action = self._actor_target_fwd(batch.next_image, batch.next_vector)
+        noise = td3.smoothing_noise(
+            next_action.shape, cfg.target_noise, cfg.target_noise_clip, next_action.device, next_action.dtype
+        )
+        next_q1, next_q2 = self._critic_target_fwd(
+            batch.next_image, batch.next_vector, td3.smoothed_target_action(next_action, noise)
+        )
+        return td3.td_target(batch.reward, batch.terminated, next_q1, next_q2, cfg.gamma)
+
+    def q_values(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(critic features, Q1, Q2) of a prepared batch's (obs, action), with gradients."""
+        critic_features = self._critic_encoder(batch.image)
+        q1, q2 = self.critic.heads(critic_features, batch.vector, batch.action)
+        return critic_features, q1, q2
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One TD3 step on a prepared batch (see :meth:`prepare`); returns tensor metrics."""
         cfg = self.cfg
         metrics: dict[str, torch.Tensor] = {}
 
-        with torch.no_grad(), self.autocast():
-            next_action = self._actor_target_fwd(batch.next_image, batch.next_vector).float()
-            noise = td3.smoothing_noise(
-                next_action.shape, cfg.target_noise, cfg.target_noise_clip, next_action.device, next_action.dtype
-            )
-            next_q1, next_q2 = self._critic_target_fwd(
-                batch.next_image, batch.next_vector, td3.smoothed_target_action(next_action, noise)
-            )
-        target = td3.td_target(batch.reward, batch.terminated, next_q1.float(), next_q2.float(), cfg.gamma)
-
-        with self.autocast():
-            critic_features = self._critic_encoder(batch.image)
-            q1, q2 = self.critic.heads(critic_features, batch.vector, batch.action)
-        loss, m = td3.critic_loss(q1.float(), q2.float(), target)
+        target = self.td_target(batch)
+        critic_features, q1, q2 = self.q_values(batch)
+        loss, m = td3.critic_loss(q1, q2, target)
         metrics.update(m)
-        metrics["critic/feature_norm"] = critic_features.detach().float().norm(dim=-1).mean()
+        metrics["critic/feature_norm"] = critic_features.detach().norm(dim=-1).mean()
         self.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
         before, after = td3.clip_grad_norm(self.critic_params, cfg.critic_grad_clip)
@@ -168,17 +178,16 @@ class TD3Agent:
         # Actor and targets on every policy_delay-th critic update (2nd, 4th, ... as in TD3's
         # reference code, which increments its counter before testing it).
         if (self.updates + 1) % cfg.policy_delay == 0:
-            with self.autocast():
-                actor_features = self._actor_encoder(batch.image)
-                pi = self.actor.act(actor_features, batch.vector)
-                # The critic's CNN features do not depend on the actor's parameters, so the
-                # actor's gradient is the same without a graph through the critic's CNN.
-                with torch.no_grad():
-                    critic_features = self._critic_encoder(batch.image)
-                q_pi = self.critic.q1_head(critic_features, batch.vector, pi)
-            a_loss, m = td3.actor_loss(q_pi.float())
+            actor_features = self._actor_encoder(batch.image)
+            pi = self.actor.act(actor_features, batch.vector)
+            # The critic's CNN features do not depend on the actor's parameters, so the
+            # actor's gradient is the same without a graph through the critic's CNN.
+            with torch.no_grad():
+                critic_features = self._critic_encoder(batch.image)
+            q_pi = self.critic.q1_head(critic_features, batch.vector, pi)
+            a_loss, m = td3.actor_loss(q_pi)
             metrics.update(m)
-            metrics["actor/feature_norm"] = actor_features.detach().float().norm(dim=-1).mean()
+            metrics["actor/feature_norm"] = actor_features.detach().norm(dim=-1).mean()
             self.actor_opt.zero_grad(set_to_none=True)
             # Only the actor's parameters accumulate gradients from the actor loss.
             a_loss.backward(inputs=self.actor_params)

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from common.config import ConvoyConfig
+from common.metrics import Latency
 from common.protocols import BatchSource
 from common.schema import ACTION_DIM, VECTOR_DIM, WeightsMessage
+from common.storage import join
 from common.weights import encode_state_dict, message_to_bytes
 from learner.agent import TD3Agent, resolve_device
 from learner.checkpoint import CheckpointData, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -48,6 +50,20 @@ def _snapshot_tree(obj: Any) -> Any:
     return obj
 
 
+def policy_lag(policy_version: torch.Tensor, current_version: int) -> tuple[float, float, float]:
+    """(mean lag, max lag, random fraction) of one batch: how many weight versions behind the
+    learner's newest ``current_version`` the actor that chose each action was. Actions with
+    version 0 were uniform random (no policy), so they count in the random fraction only;
+    lags are 0 when every action was random."""
+    v = policy_version.reshape(-1)
+    acted = v[v > 0]
+    random_fraction = 1.0 - acted.numel() / max(v.numel(), 1)
+    if acted.numel() == 0:
+        return 0.0, 0.0, random_fraction
+    lag = current_version - acted
+    return float(lag.double().mean()), float(lag.max()), random_fraction
+
+
 class Learner:
     def __init__(
         self,
@@ -65,22 +81,25 @@ class Learner:
         self.np_rng = np.random.default_rng(cfg.run.seed)
         self.agent = TD3Agent(cfg.learner, self.device, vector_dim, action_dim)
         self.source = source
-        self.run_dir = Path(run_dir)
-        self.checkpoint_dir = self.run_dir / "checkpoints"
+        # A local path or an fsspec URI (s3://, gs://, file://, memory://): common.storage.
+        self.run_dir = str(run_dir)
+        self.checkpoint_dir = join(self.run_dir, "checkpoints")
         self.weights_version = 0
         self._weights: bytes | None = None
         self._published_version = 0
         self._weights_lock = threading.Lock()
         self.env_steps = 0
-        self.last_checkpoint: Path | None = None
+        self.last_checkpoint: str | None = None
         self.train_seconds_total = 0.0
         self.data_wait_seconds_total = 0.0
         self.checkpoint_seconds_total = 0.0
+        self.batch_wait_latency = Latency("learner/batch_wait_seconds")  # next(source): 0 when prefetch keeps up
+        self.update_latency = Latency("learner/update_seconds")  # prepare (host to device) + one TD3 step
+        self.publish_latency = Latency("learner/publish_seconds")  # snapshot to encoded message, ready to send
         self._initial_encoders = {name: _snapshot(enc.state_dict()) for name, enc in self.agent.encoders()}
         # One background thread: weight encoding and checkpoint writes happen in order, off
         # the update path.
         self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-io")
-        self._last_call = (time.perf_counter(), 0)
         self._weight_change_at = 0.0
         self._weight_change: dict[str, float] = {}
         log.info(
@@ -114,15 +133,25 @@ class Learner:
             time.sleep(0.05)
             return self.metrics({})
         sums: dict[str, torch.Tensor] = {}
+        lag_sum, lag_peak, random_sum, batches = 0.0, 0.0, 0.0, 0
         counts: dict[str, int] = defaultdict(int)
         start = time.perf_counter()
         for _ in range(num_updates):
             t0 = time.perf_counter()
-            batch = self.agent.prepare(next(self.source))
-            self.data_wait_seconds_total += time.perf_counter() - t0
+            raw = next(self.source)
+            t1 = time.perf_counter()
+            self.data_wait_seconds_total += t1 - t0
+            self.batch_wait_latency.observe(t1 - t0)
+            lag_mean, lag_max, random_fraction = policy_lag(raw.policy_version, self.weights_version)
+            lag_sum += lag_mean
+            lag_peak = max(lag_peak, lag_max)
+            random_sum += random_fraction
+            batches += 1
+            batch = self.agent.prepare(raw)
             for key, value in self.agent.update(batch).items():
                 sums[key] = sums[key] + value.detach() if key in sums else value.detach().clone()
                 counts[key] += 1
+            self.update_latency.observe(time.perf_counter() - t1)
             if self.agent.consecutive_nonfinite >= self.cfg.learner.max_nonfinite:
                 self._stop_nonfinite()
             if self.agent.consecutive_nonfinite:
@@ -135,7 +164,14 @@ class Learner:
                 self.checkpoint(wait=False)
         self.train_seconds_total += time.perf_counter() - start
         # One host sync per call, not per update.
-        return self.metrics({k: float(v) / counts[k] for k, v in sums.items()})
+        update_metrics = {k: float(v) / counts[k] for k, v in sums.items()}
+        if batches:
+            # Policy lag of the data trained on (Espeholt et al. 2018 measure the same for IMPALA):
+            # mean over this call's batches and the oldest transition seen.
+            update_metrics["policy_lag_mean"] = lag_sum / batches
+            update_metrics["policy_lag_max"] = lag_peak
+            update_metrics["random_action_fraction"] = random_sum / batches
+        return self.metrics(update_metrics)
 
     def _stop_nonfinite(self) -> None:
         n = self.agent.consecutive_nonfinite
@@ -155,6 +191,7 @@ class Learner:
         return self.weights_version
 
     def _publish(self, version: int) -> None:
+        start = time.perf_counter()
         state = _snapshot(self.agent.actor.state_dict())
 
         def encode() -> None:
@@ -162,6 +199,7 @@ class Learner:
             with self._weights_lock:
                 if version >= self._published_version:
                     self._weights, self._published_version = payload, version
+            self.publish_latency.observe(time.perf_counter() - start)
 
         self._io.submit(encode)
 
@@ -197,15 +235,18 @@ class Learner:
             config_yaml=self.cfg.to_yaml(),
         )
 
-    def checkpoint(self, wait: bool = True) -> Path:
-        """Snapshot now; write in the background (``wait`` blocks until it is on disk)."""
+    def checkpoint(self, wait: bool = True) -> str:
+        """Snapshot now; write in the background (``wait`` blocks until it is stored).
+
+        Returns the checkpoint's URI (with ``wait=False``, where it will be once written).
+        """
         t0 = time.perf_counter()
         data, updates = self._checkpoint_data(), self.agent.updates
         self.checkpoint_seconds_total += time.perf_counter() - t0
         root, keep = self.checkpoint_dir, self.cfg.run.keep_checkpoints
-        path = root / f"ckpt-{updates:010d}"
+        path = join(root, f"ckpt-{updates:010d}")
 
-        def write() -> Path:
+        def write() -> str:
             written = save_checkpoint(root, updates, data, keep)
             self.last_checkpoint = written
             log.info("checkpoint %s", written)
@@ -214,8 +255,8 @@ class Learner:
         future = self._io.submit(write)
         return future.result() if wait else path
 
-    def restore(self, path: str | Path) -> Path:
-        """Resume exactly from a checkpoint (or a run directory's newest one); returns its path."""
+    def restore(self, path: str | Path) -> str:
+        """Resume exactly from a checkpoint URI (or a run URI's newest complete one); returns its URI."""
         restored = resolve_checkpoint(path)
         data = load_checkpoint(restored)
         self.agent.load_state_dicts({k: {n: t.to(self.device) for n, t in v.items()} for k, v in data.networks.items()})
@@ -247,8 +288,6 @@ class Learner:
 
     def metrics(self, update_metrics: dict[str, float]) -> dict[str, float]:
         now = time.perf_counter()
-        last_t, last_updates = self._last_call
-        self._last_call = (now, self.agent.updates)
         out: dict[str, Any] = {f"learner/{k.replace('/', '_')}": v for k, v in update_metrics.items()}
         # Distance of each CNN from its initial weights: a frozen CNN shows 0. It touches every
         # parameter, so it is recomputed at most once a second, not on every call.
@@ -264,7 +303,6 @@ class Learner:
         out.update(
             {
                 "learner/updates_total": self.agent.updates,
-                "learner/updates_per_s": (self.agent.updates - last_updates) / max(now - last_t, 1e-9),
                 "learner/weights_version": self.weights_version,
                 "learner/nonfinite_total": self.agent.nonfinite_total,
                 "learner/consecutive_nonfinite": self.agent.consecutive_nonfinite,
@@ -272,6 +310,9 @@ class Learner:
                 "learner/data_wait_seconds_total": self.data_wait_seconds_total,
                 "learner/checkpoint_snapshot_seconds_total": self.checkpoint_seconds_total,
                 "learner/ready": float(self.ready()),
+                **self.batch_wait_latency.metrics(),
+                **self.update_latency.metrics(),
+                **self.publish_latency.metrics(),
                 **self.source.metrics(),
             }
         )

@@ -8,7 +8,6 @@ from typing import Any
 import ray
 
 from common.config import from_dict
-from common.metrics import MetricsExporter
 from common.protocols import BatchSource
 
 
@@ -23,26 +22,32 @@ class LearnerActor:
         tune_malloc_for_bulk_buffers()  # the sampler allocates and frees ~10 MB per batch
         cfg = from_dict(config)
         self.learner = Learner(cfg, source_factory(), run_dir)
-        self.exporter = (
-            MetricsExporter(cfg.run.metrics_host, labels={"component": "learner"}) if cfg.run.metrics else None
-        )
         self._sent_version = 0
-
-    def metrics_url(self) -> str | None:
-        return self.exporter.url if self.exporter else None
 
     def train(self, num_updates: int, env_steps: int) -> tuple[dict[str, float], tuple[int, bytes] | None]:
         """Updates, then (version, message) of the newest weights if newer than the last returned."""
-        metrics = self.learner.train(num_updates, env_steps)
-        if self.exporter:
-            self.exporter.update(metrics)
+        metrics = self.learner.train(num_updates, env_steps)  # exported by the driver, with every result
         published = self.learner.weights(newer_than=self._sent_version)
         if published is not None:
             self._sent_version = published[0]
         return metrics, published
 
-    def restore(self, path: str) -> dict[str, Any]:
+    def node(self) -> dict[str, Any]:
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "address": ray.util.get_node_ip_address(),
+            "device": str(self.learner.device),
+        }
+
+    def restore(self, path: str, min_version: int = 0) -> dict[str, Any]:
+        """Resume from a checkpoint. ``min_version`` is the newest version collectors may hold
+        (a learner that died after its checkpoint published more): the restored actor is
+        republished above it, since collectors only load versions newer than theirs."""
         restored = self.learner.restore(path)
+        if self.learner.weights_version < min_version:
+            self.learner.weights_version = min_version
+            self.learner.publish()
+            self.learner.flush()
         return {"checkpoint": str(restored), "updates": self.learner.updates, "env_steps": self.learner.env_steps}
 
     def checkpoint(self, env_steps: int) -> str:
@@ -51,5 +56,3 @@ class LearnerActor:
 
     def close(self) -> None:
         self.learner.close()
-        if self.exporter:
-            self.exporter.close()

@@ -14,6 +14,9 @@ Failure handling: a shard that errors is skipped (its mirror dropped: its data i
 now) and retried with backoff; an epoch change means it restarted empty and its mirror starts
 over. A transition whose bytes are missing (evicted after the mirror saw it) or corrupt is
 counted and redrawn, so the batch stays uniform over what is readable.
+
+Threads: the mirrors and the snapshot live in index.py (one lock, no I/O under it). The index
+clients are used only under ``_refresh_lock``; each worker thread has its own clients.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 
 from common.schema import FRAME_SHAPE, Batch
 from replay_service.codec import RECORD_DTYPE, SPAN, TERMINATED, CorruptSegmentError, decode_batch, parse_index
+from replay_service.index import Mirror, ShardIndex, Snapshot
 from replay_service.ratelimit import SampleToInsertRatio
 from replay_service.shards import (
     ShardAuthError,
@@ -48,52 +52,6 @@ _MAX_ATTEMPTS = 8
 
 class SampleError(RuntimeError):
     """Sampling failed (for example, every shard is empty or unreachable)."""
-
-
-@dataclass
-class _Mirror:
-    """Local mirror of one shard's live segments, oldest first."""
-
-    epoch: str = ""
-    seqs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    uoff: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    codec: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
-    tab_base: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # into tab
-    tab: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    next_seq: int = 0
-
-    def drop_before(self, head: int) -> None:
-        k = int(np.searchsorted(self.seqs, head, side="left"))
-        if k == 0:
-            return
-        cut = int(self.tab_base[k]) if k < len(self.seqs) else len(self.tab)
-        self.seqs, self.lengths, self.uoff, self.codec = self.seqs[k:], self.lengths[k:], self.uoff[k:], self.codec[k:]
-        self.tab_base = self.tab_base[k:] - cut
-        self.tab = self.tab[cut:]
-
-    @property
-    def size(self) -> int:
-        return int(self.lengths.sum())
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    """Every shard's mirror concatenated: what one batch draws from (immutable, swapped whole)."""
-
-    shard: np.ndarray
-    seqs: np.ndarray
-    starts: np.ndarray  # first global transition index of each segment
-    ends: np.ndarray  # cumulative transition counts
-    uoff: np.ndarray
-    codec: np.ndarray
-    tab_base: np.ndarray
-    tab: np.ndarray
-    epochs: tuple[str, ...]
-
-    @property
-    def total(self) -> int:
-        return int(self.ends[-1]) if len(self.ends) else 0
 
 
 class _LogOnce:
@@ -117,11 +75,6 @@ class _ShardCounters:
     missing_total: int = 0
     restarts_total: int = 0
     unreported: int = 0  # sampled here, not yet added to the shard's sampled_total
-    rate_t: float = 0.0
-    rate_inserted: int = 0
-    rate_sampled: int = 0
-    inserts_per_s: float = 0.0
-    sampled_per_s: float = 0.0
 
 
 class ReplaySampler:
@@ -171,10 +124,11 @@ class ReplaySampler:
         self._health = [ShardHealth(i, u, "replay sampler") for i, u in enumerate(self.urls)]
         self._index_clients = [ShardClient(u, password, timeout) for u in self.urls]
         self._clients: dict[int, list[ShardClient]] = {}
-        self._mirrors = [_Mirror() for _ in self.urls]
+        self._index = ShardIndex(len(self.urls))
         self._counters = [_ShardCounters() for _ in self.urls]
-        self._snap = self._build_snapshot()
         self._lock = threading.Lock()  # counters
+        # One refresher at a time, and the only user of ``_index_clients``: a ShardClient has one
+        # RESP connection, and resetting it closes the socket under whoever is reading it.
         self._refresh_lock = threading.Lock()
         self._last_refresh = 0.0
         self._reserved = 0  # transitions of batches in flight (rate limiter)
@@ -210,31 +164,37 @@ class ReplaySampler:
     def refresh_index(self) -> int:
         """Bring the local mirror up to date; returns the total transitions stored."""
         with self._refresh_lock:
-            for i in range(len(self.urls)):
-                self._refresh_shard(i)
-            self._snap = self._build_snapshot()
-            self._last_refresh = time.monotonic()
+            self._refresh_locked()
         return self.size
 
     def _maybe_refresh(self) -> None:
         if time.monotonic() - self._last_refresh >= self.index_refresh_s and self._refresh_lock.acquire(blocking=False):
             try:
-                for i in range(len(self.urls)):
-                    self._refresh_shard(i)
-                self._snap = self._build_snapshot()
-                self._last_refresh = time.monotonic()
+                self._refresh_locked()
             finally:
                 self._refresh_lock.release()
 
+    def _refresh_locked(self) -> None:
+        """Refresh every shard's mirror; the caller holds ``_refresh_lock``."""
+        updates: dict[int, tuple[Mirror, Mirror]] = {}
+        for i in range(len(self.urls)):
+            read = self._index.mirror(i)
+            new = self._refresh_shard(i, read)
+            if new is not None:
+                updates[i] = (read, new)
+        # A shard lost by another thread since we read its mirror stays lost (see index.py).
+        self._index.commit(updates)
+        self._last_refresh = time.monotonic()
+
     def _shard_lost(self, i: int, exc: BaseException) -> None:
         self._health[i].failed(exc)
-        # Its data is unreachable: sample uniformly over what is left.
-        self._mirrors[i] = _Mirror()
+        self._index.drop(i)
 
-    def _refresh_shard(self, i: int) -> None:
+    def _refresh_shard(self, i: int, m: Mirror) -> Mirror | None:
+        """Shard ``i``'s mirror brought up to date from ``m``; None when the shard is skipped or lost."""
         health = self._health[i]
         if not health.available():
-            return
+            return None
         client = self._index_clients[i]
         if client.generation != health.generation:
             client.reset(health.generation)
@@ -242,28 +202,30 @@ class ReplaySampler:
             stats = client.stats()
             health.succeeded()
             self._update_stats(i, stats)
-            m = self._mirrors[i]
-            if stats.epoch != m.epoch:
+            # A shard that restarted empty has a new epoch. Its sequence running backwards means
+            # the same: a writer gave the empty shard the epoch it had before (writer.py adopts
+            # one epoch per writer), and the old seqs now name other segments.
+            if stats.epoch != m.epoch or stats.next < m.next_seq:
                 if m.epoch:
                     with self._lock:
                         self._counters[i].restarts_total += 1
                     log.warning(
-                        "replay shard %d restarted empty (new epoch %s); its mirror starts over", i, stats.epoch
+                        "replay shard %d restarted empty (epoch %s, next seq %d); its mirror starts over",
+                        i,
+                        stats.epoch,
+                        stats.next,
                     )
-                m = self._mirrors[i] = _Mirror(epoch=stats.epoch)
-            m.drop_before(stats.head)
+                m = Mirror(epoch=stats.epoch)
+            m = m.without_before(stats.head)
             new = list(range(max(m.next_seq + 1, stats.head), stats.next + 1))
             if not new:
-                return
+                return m
             lengths = client.lengths(new)
             live = [(s, n) for s, n in zip(new, lengths, strict=True) if n is not None]
             heads = client.indexes(m.epoch, [s for s, _ in live], [n for _, n in live]) if live else []
-        except ShardUnavailable as exc:
+        except (ShardUnavailable, ShardAuthError) as exc:
             self._shard_lost(i, exc)
-            return
-        except ShardAuthError as exc:
-            self._shard_lost(i, exc)
-            return
+            return None
         seqs, lens, uoffs, codecs, tabs = [], [], [], [], []
         for (s, n), data in zip(live, heads, strict=True):
             if data == b"":
@@ -285,59 +247,24 @@ class ReplaySampler:
             uoffs.append(uoff)
             codecs.append(codec_id)
             tabs.append(table)
-        m.next_seq = max(m.next_seq, stats.next)
-        if seqs:
-            base = len(m.tab) + np.concatenate([[0], np.cumsum([len(tb) for tb in tabs])[:-1]])
-            m.seqs = np.concatenate([m.seqs, np.asarray(seqs, np.int64)])
-            m.lengths = np.concatenate([m.lengths, np.asarray(lens, np.int64)])
-            m.uoff = np.concatenate([m.uoff, np.asarray(uoffs, np.int64)])
-            m.codec = np.concatenate([m.codec, np.asarray(codecs, np.uint8)])
-            m.tab_base = np.concatenate([m.tab_base, base.astype(np.int64)])
-            m.tab = np.concatenate([m.tab, *tabs])
+        return m.extended(stats.next, seqs, lens, uoffs, codecs, tabs)
 
     def _update_stats(self, i: int, stats: ShardStats) -> None:
         with self._lock:
             c = self._counters[i]
             c.stats = stats
-            now = time.monotonic()
-            if c.rate_t == 0.0:
-                c.rate_t, c.rate_inserted, c.rate_sampled = now, stats.inserted_total, c.sampled_total
-            elif now - c.rate_t >= 1.0:
-                dt = now - c.rate_t
-                c.inserts_per_s = max(0, stats.inserted_total - c.rate_inserted) / dt
-                c.sampled_per_s = (c.sampled_total - c.rate_sampled) / dt
-                c.rate_t, c.rate_inserted, c.rate_sampled = now, stats.inserted_total, c.sampled_total
-
-    def _build_snapshot(self) -> _Snapshot:
-        ms = self._mirrors
-        lengths = np.concatenate([m.lengths for m in ms])
-        ends = np.cumsum(lengths)
-        tab_offsets = np.cumsum([0] + [len(m.tab) for m in ms[:-1]])
-        return _Snapshot(
-            shard=np.concatenate([np.full(len(m.seqs), i, np.int64) for i, m in enumerate(ms)]),
-            seqs=np.concatenate([m.seqs for m in ms]),
-            starts=ends - lengths,
-            ends=ends,
-            uoff=np.concatenate([m.uoff for m in ms]),
-            codec=np.concatenate([m.codec for m in ms]),
-            tab_base=np.concatenate([m.tab_base + off for m, off in zip(ms, tab_offsets, strict=True)]),
-            tab=np.concatenate([m.tab for m in ms]),
-            epochs=tuple(m.epoch for m in ms),
-        )
 
     @property
     def size(self) -> int:
-        return self._snap.total
+        return self._index.snapshot.total
 
     # ----- sampling ----------------------------------------------------------------------
 
     @staticmethod
-    def _draw(snap: _Snapshot, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _draw(snap: Snapshot, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if snap.total == 0:
             raise SampleError("replay is empty (or every shard is unreachable)")
-        g = rng.integers(0, snap.total, size=n)
-        seg = np.searchsorted(snap.ends, g, side="right")
-        return seg, g - snap.starts[seg]
+        return snap.draw(n, rng)
 
     def _rate_totals(self) -> tuple[int, int]:
         live = [c for c, h in zip(self._counters, self._health, strict=True) if h.up]
@@ -364,6 +291,17 @@ class ReplaySampler:
             self._refresh_counters()
 
     def _refresh_counters(self) -> None:
+        """Poll the shards' counters for the rate limiter, on the index clients, so only when no
+        refresh is using them (issue 9: a reset here closed a refresher's socket mid-read and a
+        healthy shard was dropped); a refresh running now updates the counters itself."""
+        if not self._refresh_lock.acquire(blocking=False):
+            return
+        try:
+            self._refresh_counters_locked()
+        finally:
+            self._refresh_lock.release()
+
+    def _refresh_counters_locked(self) -> None:
         for i, (client, health) in enumerate(zip(self._index_clients, self._health, strict=True)):
             if not health.available():
                 continue
@@ -374,7 +312,7 @@ class ReplaySampler:
             except (ShardUnavailable, ShardAuthError) as exc:
                 self._shard_lost(i, exc)
                 continue
-            if stats.epoch != self._mirrors[i].epoch:
+            if stats.epoch != self._index.mirror(i).epoch:
                 self._last_refresh = 0.0  # restarted: the next batch refreshes the mirror
             health.succeeded()
             self._update_stats(i, stats)
@@ -416,7 +354,7 @@ class ReplaySampler:
         recs = np.empty((b, 2), RECORD_DTYPE)
         todo = np.arange(b)
         for _attempt in range(_MAX_ATTEMPTS):
-            snap = self._snap
+            snap = self._index.snapshot
             seg, t = self._draw(snap, len(todo), rng)
             shard = snap.shard[seg]
             offs = snap.tab[(snap.tab_base[seg] + t)[:, None] + _ARANGE_OFFS]
@@ -460,7 +398,7 @@ class ReplaySampler:
                 ok = decode_batch(snap.codec[seg], replies, offs, f_out, r_out)
                 frames[todo[ok]] = f_out[ok]
                 recs[todo[ok]] = r_out[ok]
-            self._count_outcomes(shard, ok, replies, snap.seqs[seg])
+            self._count_outcomes(snap, shard, ok, replies, snap.seqs[seg])
             todo = todo[~ok]
             if len(todo) == 0:
                 return recs
@@ -469,7 +407,9 @@ class ReplaySampler:
                 break
         raise SampleError(f"{len(todo)} of {b} transitions could not be fetched after {_MAX_ATTEMPTS} attempts")
 
-    def _count_outcomes(self, shard: np.ndarray, ok: np.ndarray, replies: list[object], seqs: np.ndarray) -> None:
+    def _count_outcomes(
+        self, snap: Snapshot, shard: np.ndarray, ok: np.ndarray, replies: list[object], seqs: np.ndarray
+    ) -> None:
         with self._lock:
             for s in np.unique(shard).tolist():
                 rows = shard == s
@@ -492,18 +432,9 @@ class ReplaySampler:
                 count = c.corrupt_total
             bad.setdefault(s, []).append(int(seqs[r]))
             self._bad_log.warn(s, "corrupt transition", count, f"seq {int(seqs[r])}: {str(reply)[:80]!r}")
-        if bad:
-            self._quarantine(bad)
-
-    def _quarantine(self, bad: dict[int, list[int]]) -> None:
-        """Stop drawing from segments that returned corrupt bytes (length 0 in the mirror)."""
-        with self._refresh_lock:
-            for s, seqs in bad.items():
-                m = self._mirrors[s]
-                hit = np.isin(m.seqs, seqs)
-                if hit.any():
-                    m.lengths = np.where(hit, 0, m.lengths)
-            self._snap = self._build_snapshot()
+        for s, bad_seqs in bad.items():
+            # Stop drawing from segments that returned corrupt bytes (length 0 in the mirror).
+            self._index.quarantine(s, snap.epochs[s], bad_seqs)
 
     # ----- background threads ------------------------------------------------------------
 
@@ -564,15 +495,12 @@ class ReplaySampler:
                     c.corrupt_total,
                     c.missing_total,
                     c.restarts_total,
-                    c.inserts_per_s,
-                    c.sampled_per_s,
                 )
                 for c in self._counters
             ]
         out: dict[str, float] = {
             "replay_sampler/size": self.size,
             "replay_sampler/sampled_transitions_total": sum(c[1] for c in counters),
-            "replay_sampler/sampled_per_s": sum(c[6] for c in counters),
             "replay_sampler/corrupt_total": sum(c[2] for c in counters),
             "replay_sampler/missing_total": sum(c[3] for c in counters),
             "replay_sampler/wait_seconds_total": self.wait_seconds_total,
@@ -580,18 +508,15 @@ class ReplaySampler:
             "replay_sampler/ready_batches": self._queue.qsize(),
             "replay_sampler/shards_up": sum(h.up for h in self._health),
         }
-        for i, ((stats, sampled, corrupt, missing, restarts, ins_s, smp_s), h) in enumerate(
-            zip(counters, self._health, strict=True)
-        ):
+        for i, ((stats, sampled, corrupt, missing, restarts), h) in enumerate(zip(counters, self._health, strict=True)):
             p = f"replay_sampler/shard{i}/"
             out[p + "up"] = float(h.up)
             out[p + "transitions_stored"] = stats.size if h.up else 0
             out[p + "bytes_stored"] = stats.bytes if h.up else 0
-            out[p + "inserted_transitions"] = stats.inserted_total
-            out[p + "evicted_transitions"] = stats.evicted_total
-            out[p + "inserts_per_s"] = ins_s
+            # The shard's own counters (every writer's inserts); they restart with the shard.
+            out[p + "inserted_transitions_total"] = stats.inserted_total
+            out[p + "evicted_transitions_total"] = stats.evicted_total
             out[p + "sampled_transitions_total"] = sampled
-            out[p + "sampled_per_s"] = smp_s
             out[p + "corrupt_total"] = corrupt
             out[p + "missing_total"] = missing
             out[p + "lost_total"] = h.lost_total

@@ -29,6 +29,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from common.config import redact_url
 from replay_service.codec import index_size
 
 log = logging.getLogger(__name__)
@@ -235,12 +236,7 @@ def connect(url: str, password: str = "", timeout: float = 5.0) -> redis.Redis:
 
 def redact(url: str) -> str:
     """The URL with any password replaced, for logs and errors."""
-    scheme, _, rest = url.partition("//")
-    if "@" in rest:
-        cred, _, host = rest.rpartition("@")
-        user = cred.split(":", 1)[0]
-        return f"{scheme}//{user}:***@{host}"
-    return url
+    return redact_url(url)
 
 
 def check_shard(url: str, password: str = "", timeout: float = 3.0) -> None:

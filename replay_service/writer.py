@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from common.metrics import Latency
 from common.schema import Segment
 from replay_service.codec import FrameCodec, encode_segment
 from replay_service.ratelimit import SampleToInsertRatio
@@ -69,11 +70,9 @@ class ReplayWriter:
         self._counters = [_ShardCounters() for _ in self.shards]
         self.dropped_segments_total = 0
         self.dropped_transitions_total = 0
-        self.insert_seconds_total = 0.0
+        self.insert_latency = Latency("replay_writer/insert_seconds")  # one atomic insert (+ eviction)
         self.rate_limit_wait_seconds_total = 0.0
         self.rate_limited_total = 0
-        self._rate_t = time.monotonic()
-        self._rate_n = 0
         self._check_start()
 
     def _check_start(self) -> None:
@@ -135,7 +134,7 @@ class ReplayWriter:
             except ShardAuthError as exc:  # e.g. a shard restarted with another password
                 self.health[i].failed(exc)
                 continue
-            self.insert_seconds_total += time.perf_counter() - start
+            self.insert_latency.observe(time.perf_counter() - start)
             self.health[i].succeeded()
             self._next = (i + 1) % n
             c = self._counters[i]
@@ -146,7 +145,6 @@ class ReplayWriter:
             c.stored = res.size
             c.inserted_all = res.inserted_total
             c.sampled_all = res.sampled_total
-            self._rate_n += segment.num_transitions
             return
         self.dropped_segments_total += 1
         self.dropped_transitions_total += segment.num_transitions
@@ -170,16 +168,12 @@ class ReplayWriter:
         return sum(c.evicted_total for c in self._counters)
 
     def metrics(self) -> dict[str, float]:
-        now = time.monotonic()
-        rate = self._rate_n / max(1e-9, now - self._rate_t)
-        self._rate_t, self._rate_n = now, 0
         out: dict[str, float] = {
             "replay_writer/segments_total": self.segments_total,
             "replay_writer/transitions_total": self.transitions_total,
             "replay_writer/bytes_total": self.bytes_total,
             "replay_writer/evicted_transitions_total": self.evicted_total,
-            "replay_writer/insert_seconds_total": self.insert_seconds_total,
-            "replay_writer/inserts_per_s": rate,
+            **self.insert_latency.metrics(),
             "replay_writer/dropped_segments_total": self.dropped_segments_total,
             "replay_writer/dropped_transitions_total": self.dropped_transitions_total,
             "replay_writer/rate_limit_wait_seconds_total": self.rate_limit_wait_seconds_total,

@@ -12,6 +12,7 @@ import pytest
 os.environ["SDL_VIDEODRIVER"] = "offscreen"
 
 from replay_service.shards import RedisShardProcess
+from tests.s3server import S3Endpoint
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -44,3 +45,36 @@ def redis_url(redis_process: RedisShardProcess) -> str:
     client.flushall()
     client.close()
     return redis_process.url
+
+
+@pytest.fixture(scope="session")
+def _moto_server_url() -> Iterator[str]:
+    from tests.s3server import start_moto_server
+
+    url, stop = start_moto_server("127.0.0.1")
+    try:
+        yield url
+    finally:
+        stop()
+
+
+@pytest.fixture
+def s3_endpoint(_moto_server_url: str, monkeypatch: pytest.MonkeyPatch) -> S3Endpoint:
+    """A real S3-protocol server (moto, session-wide) with a fresh bucket for this test; the
+    environment (also of subprocesses) points s3:// at it with test credentials."""
+    import uuid
+
+    from tests.s3server import create_bucket
+
+    bucket = f"convoy-test-{uuid.uuid4().hex[:12]}"
+    create_bucket(_moto_server_url, bucket)
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "CONVOY_S3_ENDPOINT_URL": _moto_server_url,
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return S3Endpoint(url=_moto_server_url, bucket=bucket)

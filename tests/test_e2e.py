@@ -51,9 +51,9 @@ def test_train_then_evaluate(tmp_path: Path) -> None:
     )
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     text = train.stdout
-    assert "resolved config:" in text and "metrics endpoints:" in text
+    assert "resolved config:" in text and "placement: learner -> node" in text and "placement: collector 1" in text
     done = re.search(
-        r"done: env_steps (\d+) .* updates (\d+) .* weights v(\d+), collectors acted with up to v(\d+)", text
+        r"done \(budget\): env_steps (\d+) .* updates (\d+) .* weights v(\d+), collectors acted with up to v(\d+)", text
     )
     assert done, text[-2000:]
     env_steps, updates, version, acting = map(int, done.groups())
@@ -61,6 +61,9 @@ def test_train_then_evaluate(tmp_path: Path) -> None:
     assert updates > 0 and version > 0 and acting > 0
     assert "final checkpoint:" in text
     assert (out / "config.yaml").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_reason"] == "budget" and summary["env_steps"] == 600
+    assert summary["updates"] == updates and summary["collector_restarts"] == 0 and summary["corrupt_segments"] == 0
 
     ev = _convoy("evaluate", "--checkpoint", str(out), "--episodes", "2", "--json", timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]

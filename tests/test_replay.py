@@ -427,7 +427,7 @@ def test_metrics_are_flat_namespaced_and_per_shard(redis_url: str) -> None:
         m = s.metrics()
     wm = w.metrics()
     w.close()
-    for key in ("transitions_stored", "bytes_stored", "inserts_per_s", "sampled_per_s", "evicted_transitions",
+    for key in ("transitions_stored", "bytes_stored", "inserted_transitions_total", "evicted_transitions_total",
                 "corrupt_total", "sampled_transitions_total", "lost_total"):
         assert f"replay_sampler/shard0/{key}" in m
     assert m["replay_sampler/shard0/transitions_stored"] == 5 and m["replay_sampler/shard0/bytes_stored"] > 0

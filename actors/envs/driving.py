@@ -1,5 +1,8 @@
-"""Pure driving logic shared by convoy's simulators: route geometry, the contract's vector,
-the reward terms, termination and leaderboard-style driving metrics.
+"""Pure driving logic shared by convoy's simulators: the observation and action spaces, route
+geometry, the contract's vector, the reward terms, termination and leaderboard-style driving
+metrics. Every rule of the driving task is written here once; the simulator adapters
+(actors/envs/embedded.py for highway-env, actors/envs/carla_env.py for CARLA) measure the
+world and call these functions, and this module imports neither of them.
 
 Everything here works in a right-handed world frame (x east, y north, heading counter-
 clockwise from +x, metres and radians), the frame the embedded env uses. CARLA's world is
@@ -7,8 +10,12 @@ left-handed (y points right, yaw clockwise seen from above); :func:`from_carla_x
 the one conversion, so "+ = left" means the same for lateral offsets, heading errors,
 waypoints and steering in every simulator.
 
-The scaling constants and the ego-frame transform are the embedded env's own
-(actors/envs/embedded.py), imported rather than copied so the two cannot drift apart.
+The vector (float32, 23), scaled to roughly [-1, 1]:
+    [0]  speed / SPEED_SCALE (m/s)
+    [1]  lateral offset from the lane (route) centre / (lane width / 2)
+    [2]  heading error w.r.t. the lane direction / pi (wrapped to [-1, 1])
+    [3:23] the next 10 route waypoints, WAYPOINT_SPACING apart, as (x forward, y left) in the
+    ego frame / WAYPOINT_SCALE (m)
 """
 
 from __future__ import annotations
@@ -16,20 +23,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import gymnasium as gym
 import numpy as np
 
-from actors.envs.embedded import (
-    CENTERING_WEIGHT,
-    SPEED_SCALE,
-    WAYPOINT_SCALE,
-    WAYPOINT_SPACING,
-    to_ego_frame,
-    wrap_angle,
-)
-from common.schema import NUM_WAYPOINTS, VECTOR_DIM
+from common.schema import ACTION_DIM, IMAGE_SHAPE, NUM_WAYPOINTS, VECTOR_DIM
 
 __all__ = [
     "CENTERING_WEIGHT",
+    "GRAY_WEIGHTS",
     "SPEED_SCALE",
     "WAYPOINT_SCALE",
     "WAYPOINT_SPACING",
@@ -37,14 +38,47 @@ __all__ = [
     "RewardWeights",
     "Route",
     "RouteProjection",
+    "action_space",
     "driving_vector",
     "from_carla_xy_yaw",
+    "lane_following_action",
+    "observation_space",
     "reward_terms",
     "termination",
     "to_ego_frame",
     "total_reward",
     "wrap_angle",
 ]
+
+SPEED_SCALE = 10.0
+WAYPOINT_SPACING = 4.0
+WAYPOINT_SCALE = 20.0
+CENTERING_WEIGHT = 0.2
+GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # ITU-R BT.601 luma, RGB -> grayscale frames
+
+
+def observation_space() -> gym.spaces.Dict:
+    return gym.spaces.Dict(
+        {
+            "image": gym.spaces.Box(0, 255, IMAGE_SHAPE, np.uint8),
+            "vector": gym.spaces.Box(-np.inf, np.inf, (VECTOR_DIM,), np.float32),
+        }
+    )
+
+
+def action_space() -> gym.spaces.Box:
+    return gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+
+
+def wrap_angle(a: float) -> float:
+    return (a + math.pi) % (2 * math.pi) - math.pi
+
+
+def to_ego_frame(points: np.ndarray, position: np.ndarray, heading: float) -> np.ndarray:
+    """World points (N, 2) -> ego frame (x forward, y left)."""
+    d = points - position
+    c, s = math.cos(heading), math.sin(heading)
+    return np.stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]], axis=1)
 
 
 def from_carla_xy_yaw(x: float, y: float, yaw_deg: float) -> tuple[float, float, float]:
@@ -133,7 +167,7 @@ def driving_vector(
     position: np.ndarray,
     heading: float,
 ) -> np.ndarray:
-    """The 23-float vector of the contract, laid out and scaled exactly as the embedded env's."""
+    """The 23-float vector of the contract (layout and scaling in the module docstring)."""
     out = np.empty(VECTOR_DIM, np.float32)
     out[0] = speed / SPEED_SCALE
     out[1] = lateral / half_lane_width
@@ -149,8 +183,8 @@ def driving_vector(
 
 @dataclass(frozen=True)
 class RewardWeights:
-    """Weights of the reward terms. The defaults (speed and comfort off) give exactly the
-    embedded env's reward: progress - CENTERING_WEIGHT * lateral^2 - penalty."""
+    """Weights of the reward terms. The defaults (speed and comfort off) are the embedded env's
+    reward: progress - CENTERING_WEIGHT * lateral^2 - penalty."""
 
     progress: float = 1.0
     centering: float = CENTERING_WEIGHT
@@ -298,3 +332,16 @@ class DrivingMetrics:
             "driving/infraction_penalty": penalty,
             "driving/driving_score": completion * penalty,
         }
+
+
+# ----- a scripted driver ----------------------------------------------------------------------
+
+
+def lane_following_action(vector: np.ndarray, target_speed: float = 8.0) -> np.ndarray:
+    """A scripted pure-pursuit driver on the contract's vector (benchmark data, tests, a
+    baseline for evaluation): steer towards the 2nd waypoint, hold ``target_speed``.
+    It follows the lane but does not avoid other vehicles."""
+    x, y = vector[5] * WAYPOINT_SCALE, vector[6] * WAYPOINT_SCALE
+    steer = float(np.clip(math.atan2(y, x) / (math.pi / 4), -1.0, 1.0))
+    throttle = float(np.clip((target_speed - vector[0] * SPEED_SCALE) / 4.0, -1.0, 1.0))
+    return np.array([steer, throttle], np.float32)

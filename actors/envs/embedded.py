@@ -1,28 +1,26 @@
 """The embedded driving simulator: highway-env's racetrack behind convoy's observation contract.
 
 highway-env supplies the road network, vehicle dynamics, other traffic and the top-down
-renderer; everything the agent sees and is rewarded for is built here, so it means the same
-as the CARLA env's:
+renderer. This adapter measures the ego vehicle's lane state and hands it to the pure driving
+logic in actors/envs/driving.py, which builds the vector, the reward and the termination for
+every simulator, so they mean the same as the CARLA env's:
 
 ``image``  uint8 (4, 84, 84): the last four grayscale top-down frames centred on the ego
            vehicle, oldest first (at reset the first frame is repeated).
-``vector`` float32 (23,), scaled to roughly [-1, 1]:
-           [0]  speed / SPEED_SCALE (m/s)
-           [1]  lateral offset from the lane centre / (lane width / 2)
-           [2]  heading error w.r.t. the lane direction / pi (wrapped to [-1, 1])
-           [3:23] the next 10 route waypoints on the lane centre, WAYPOINT_SPACING apart,
-           as (x forward, y left) in the ego frame / WAYPOINT_SCALE (m)
+``vector`` float32 (23,): :func:`actors.envs.driving.driving_vector` of the ego's lane state,
+           with the next 10 waypoints on the lane centre (following the lane into the next).
 ``action`` float32 (2,) in [-1, 1]: steering (+ = left, scaled to +-45 deg), and
            throttle (>0) / brake (<0) (scaled to +-5 m/s^2).
 
-Reward per step: progress along the lane (speed * cos(heading error) * dt, in units of
-``target_speed * dt`` and capped at 1, so going faster than the target earns nothing more),
-minus ``CENTERING_WEIGHT * lateral^2`` (lateral in half-lane units), minus
-``env.collision_penalty`` on collision or leaving the road.
+Reward per step (:func:`driving.reward_terms` with the default :class:`driving.RewardWeights`):
+progress along the lane (speed * cos(heading error) * dt, in units of ``target_speed * dt``
+and capped at 1, so going faster than the target earns nothing more), minus
+``CENTERING_WEIGHT * lateral^2`` (lateral in half-lane units), minus ``env.collision_penalty``
+on collision or leaving the road.
 
 ``terminated`` with ``info["termination_reason"]`` in collision / off_road / route_completed;
-``truncated`` at ``env.max_episode_steps`` (reason time_limit). ``info["route_completion"]``
-is progress / route length in [0, 1].
+``truncated`` at ``env.max_episode_steps`` (reason time_limit), by :func:`driving.termination`.
+``info["route_completion"]`` is progress / route length in [0, 1].
 """
 
 from __future__ import annotations
@@ -35,17 +33,44 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from actors.envs.driving import (
+    CENTERING_WEIGHT,
+    GRAY_WEIGHTS,
+    SPEED_SCALE,
+    WAYPOINT_SCALE,
+    WAYPOINT_SPACING,
+    RewardWeights,
+    action_space,
+    driving_vector,
+    lane_following_action,
+    observation_space,
+    reward_terms,
+    termination,
+    to_ego_frame,
+    total_reward,
+    wrap_angle,
+)
 from common.config import EnvConfig
-from common.schema import ACTION_DIM, FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, VECTOR_DIM, Observation, check_action
+from common.schema import FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, Observation, check_action
+
+# Re-exported for code written against this module before the rules moved to driving.py.
+__all__ = [
+    "CENTERING_WEIGHT",
+    "GRAY_WEIGHTS",
+    "SPEED_SCALE",
+    "WAYPOINT_SCALE",
+    "WAYPOINT_SPACING",
+    "EmbeddedDrivingEnv",
+    "action_space",
+    "lane_following_action",
+    "observation_space",
+    "to_ego_frame",
+    "wrap_angle",
+]
 
 log = logging.getLogger(__name__)
 
-SPEED_SCALE = 10.0
-WAYPOINT_SPACING = 4.0
-WAYPOINT_SCALE = 20.0
-CENTERING_WEIGHT = 0.2
 RENDER_SCALING = 2.0  # pixels per metre: 84 px show 42 m around the ego vehicle
-GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
 
 def _ensure_offscreen_video() -> None:
@@ -56,30 +81,6 @@ def _ensure_offscreen_video() -> None:
         if current == "dummy":
             log.warning("SDL_VIDEODRIVER=dummy renders blank frames in highway-env; using 'offscreen'")
         os.environ["SDL_VIDEODRIVER"] = "offscreen"
-
-
-def wrap_angle(a: float) -> float:
-    return (a + math.pi) % (2 * math.pi) - math.pi
-
-
-def to_ego_frame(points: np.ndarray, position: np.ndarray, heading: float) -> np.ndarray:
-    """World points (N, 2) -> ego frame (x forward, y left)."""
-    d = points - position
-    c, s = math.cos(heading), math.sin(heading)
-    return np.stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]], axis=1)
-
-
-def observation_space() -> gym.spaces.Dict:
-    return gym.spaces.Dict(
-        {
-            "image": gym.spaces.Box(0, 255, IMAGE_SHAPE, np.uint8),
-            "vector": gym.spaces.Box(-np.inf, np.inf, (VECTOR_DIM,), np.float32),
-        }
-    )
-
-
-def action_space() -> gym.spaces.Box:
-    return gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
 
 
 class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
@@ -123,6 +124,8 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
         self._stack = np.zeros(IMAGE_SHAPE, np.uint8)
         self._steps = 0
         self._progress = 0.0
+        self._weights = RewardWeights(collision_penalty=self.config.collision_penalty)
+        self._previous_action = np.zeros(2, np.float32)
 
     # ----- observation -------------------------------------------------------------------
 
@@ -157,14 +160,15 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
     def _vector(self) -> np.ndarray:
         v = self._sim.vehicle
         s, lateral, heading_err = self._lane_state()
-        half_width = float(v.lane.width_at(s)) / 2.0
-        ego = to_ego_frame(self._waypoints(s), np.asarray(v.position, float), float(v.heading)) / WAYPOINT_SCALE
-        out = np.empty(VECTOR_DIM, np.float32)
-        out[0] = float(v.speed) / SPEED_SCALE
-        out[1] = lateral / half_width
-        out[2] = heading_err / math.pi
-        out[3:] = ego.reshape(-1)
-        return out
+        return driving_vector(
+            speed=float(v.speed),
+            lateral=lateral,
+            half_lane_width=float(v.lane.width_at(s)) / 2.0,
+            heading_error=heading_err,
+            waypoints=self._waypoints(s),
+            position=np.asarray(v.position, float),
+            heading=float(v.heading),
+        )
 
     def _observation(self) -> Observation:
         return {"image": self._stack.copy(), "vector": self._vector()}
@@ -178,6 +182,7 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
         self._sim.reset(seed=seed)
         self._steps = 0
         self._progress = 0.0
+        self._previous_action = np.zeros(2, np.float32)
         self._stack[:] = self._frame()
         return self._observation(), {"route_completion": 0.0, "termination_reason": None}
 
@@ -197,29 +202,32 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
         self._progress += max(ds, 0.0)
         route_completion = min(self._progress / self.config.route_length_m, 1.0)
 
-        reason: str | None = None
-        if v.crashed:
-            reason = "collision"
-        elif not v.on_road or abs(lateral) > self.config.off_road_m:
-            reason = "off_road"
-        elif self._progress >= self.config.route_length_m:
-            reason = "route_completed"
-        terminated = reason is not None
-        truncated = not terminated and self._steps >= self.config.max_episode_steps
-        if truncated:
-            reason = "time_limit"
-
-        progress_term = min(ds / (self.config.target_speed * self._dt), 1.0)
-        reward = progress_term - CENTERING_WEIGHT * (lateral / half_width) ** 2
-        if reason in ("collision", "off_road"):
-            reward -= self.config.collision_penalty
+        reason, terminated, truncated = termination(
+            collided=bool(v.crashed),
+            off_road=not v.on_road or abs(lateral) > self.config.off_road_m,
+            progress_m=self._progress,
+            route_length_m=self.config.route_length_m,
+            steps=self._steps,
+            max_steps=self.config.max_episode_steps,
+        )
+        terms = reward_terms(
+            progress_m=ds,
+            dt=self._dt,
+            target_speed=self.config.target_speed,
+            lateral_norm=lateral / half_width,
+            speed=float(v.speed),
+            action=a,
+            previous_action=self._previous_action,
+        )
+        self._previous_action = a
+        reward = total_reward(terms, self._weights, reason)
         info = {
             "termination_reason": reason,
             "route_completion": route_completion,
             "progress_m": self._progress,
             "speed": float(v.speed),
         }
-        return self._observation(), float(reward), terminated, truncated, info
+        return self._observation(), reward, terminated, truncated, info
 
     def render(self) -> np.ndarray | None:  # type: ignore[override]
         if self.render_mode != "rgb_array":
@@ -229,13 +237,3 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
     def close(self) -> None:
         self._viewer.close()
         self._sim.close()
-
-
-def lane_following_action(vector: np.ndarray, target_speed: float = 8.0) -> np.ndarray:
-    """A scripted pure-pursuit driver on the contract's vector (benchmark data, tests, a
-    baseline for evaluation): steer towards the 2nd waypoint, hold ``target_speed``.
-    It follows the lane but does not avoid other vehicles."""
-    x, y = vector[5] * WAYPOINT_SCALE, vector[6] * WAYPOINT_SCALE
-    steer = float(np.clip(math.atan2(y, x) / (math.pi / 4), -1.0, 1.0))
-    throttle = float(np.clip((target_speed - vector[0] * SPEED_SCALE) / 4.0, -1.0, 1.0))
-    return np.array([steer, throttle], np.float32)

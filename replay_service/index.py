@@ -1,0 +1,190 @@
+"""The sampler's index: a mirror of each shard's live segments, and the snapshot a batch draws from.
+
+The invariant this module keeps: a :class:`Snapshot` is built from one consistent set of mirrors.
+Mirrors are immutable; :class:`ShardIndex` replaces them whole and builds snapshots only under
+its lock, and nothing slow (no network) ever runs under it. A refresh reads a mirror, talks to
+the shard without the lock, and commits its new mirror only if the shard's mirror is still the
+one it read (compare-and-swap): a shard lost or quarantined meanwhile wins, and the refresh
+simply reads again next time. Issue 9: a snapshot built while another thread replaced a mirror
+paired one mirror's lengths with another's offsets, which raised IndexError in the learner or
+quarantined healthy segments as corrupt.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+
+def _empty(dtype: type) -> np.ndarray:
+    return np.zeros(0, dtype)
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """Local copy of one shard's live segments, oldest first: for each segment its seq, its
+    transition count, where its units start, its codec and (in ``tab`` from ``tab_base``) its
+    unit offset table. ``next_seq`` is the last seq the shard had handed out when read."""
+
+    epoch: str = ""
+    seqs: np.ndarray = field(default_factory=lambda: _empty(np.int64))
+    lengths: np.ndarray = field(default_factory=lambda: _empty(np.int64))
+    uoff: np.ndarray = field(default_factory=lambda: _empty(np.int64))
+    codec: np.ndarray = field(default_factory=lambda: _empty(np.uint8))
+    tab_base: np.ndarray = field(default_factory=lambda: _empty(np.int64))
+    tab: np.ndarray = field(default_factory=lambda: _empty(np.int64))
+    next_seq: int = 0
+
+    @property
+    def size(self) -> int:
+        return int(self.lengths.sum())
+
+    def without_before(self, head: int) -> Mirror:
+        """The segments the shard has not evicted (those from seq ``head`` on)."""
+        k = int(np.searchsorted(self.seqs, head, side="left"))
+        if k == 0:
+            return self
+        cut = int(self.tab_base[k]) if k < len(self.seqs) else len(self.tab)
+        return replace(
+            self,
+            seqs=self.seqs[k:],
+            lengths=self.lengths[k:],
+            uoff=self.uoff[k:],
+            codec=self.codec[k:],
+            tab_base=self.tab_base[k:] - cut,
+            tab=self.tab[cut:],
+        )
+
+    def extended(
+        self,
+        next_seq: int,
+        seqs: Sequence[int],
+        lengths: Sequence[int],
+        uoffs: Sequence[int],
+        codecs: Sequence[int],
+        tables: Sequence[np.ndarray],
+    ) -> Mirror:
+        """With newer segments appended (seqs ascending, above every seq already here)."""
+        if not seqs:
+            return replace(self, next_seq=max(self.next_seq, next_seq))
+        base = len(self.tab) + np.concatenate([[0], np.cumsum([len(t) for t in tables])[:-1]])
+        return Mirror(
+            self.epoch,
+            np.concatenate([self.seqs, np.asarray(seqs, np.int64)]),
+            np.concatenate([self.lengths, np.asarray(lengths, np.int64)]),
+            np.concatenate([self.uoff, np.asarray(uoffs, np.int64)]),
+            np.concatenate([self.codec, np.asarray(codecs, np.uint8)]),
+            np.concatenate([self.tab_base, base.astype(np.int64)]),
+            np.concatenate([self.tab, *tables]),
+            max(self.next_seq, next_seq),
+        )
+
+    def quarantined(self, seqs: Sequence[int]) -> Mirror:
+        """With the given segments' lengths set to 0: never drawn again, offsets kept aligned."""
+        hit = np.isin(self.seqs, np.asarray(seqs, np.int64))
+        if not hit.any():
+            return self
+        return replace(self, lengths=np.where(hit, 0, self.lengths))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every shard's mirror concatenated: what one batch draws from (immutable, swapped whole)."""
+
+    shard: np.ndarray
+    seqs: np.ndarray
+    starts: np.ndarray  # first global transition index of each segment
+    ends: np.ndarray  # cumulative transition counts
+    uoff: np.ndarray
+    codec: np.ndarray
+    tab_base: np.ndarray
+    tab: np.ndarray
+    epochs: tuple[str, ...]
+
+    @property
+    def total(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    @classmethod
+    def of(cls, mirrors: Sequence[Mirror]) -> Snapshot:
+        """Concatenate ``mirrors`` (a tuple the caller will not change while this runs)."""
+        lengths = np.concatenate([m.lengths for m in mirrors])
+        ends = np.cumsum(lengths)
+        tab_offsets = np.cumsum([0] + [len(m.tab) for m in mirrors[:-1]])
+        return cls(
+            shard=np.concatenate([np.full(len(m.seqs), i, np.int64) for i, m in enumerate(mirrors)]),
+            seqs=np.concatenate([m.seqs for m in mirrors]),
+            starts=ends - lengths,
+            ends=ends,
+            uoff=np.concatenate([m.uoff for m in mirrors]),
+            codec=np.concatenate([m.codec for m in mirrors]),
+            tab_base=np.concatenate([m.tab_base + off for m, off in zip(mirrors, tab_offsets, strict=True)]),
+            tab=np.concatenate([m.tab for m in mirrors]),
+            epochs=tuple(m.epoch for m in mirrors),
+        )
+
+    def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` transitions uniform over every stored one: (segment row, position in it)."""
+        g = rng.integers(0, self.total, size=n)
+        seg = np.searchsorted(self.ends, g, side="right")
+        return seg, g - self.starts[seg]
+
+
+class ShardIndex:
+    """The mirrors of all shards and the current snapshot; every change goes through here."""
+
+    def __init__(self, num_shards: int) -> None:
+        self._lock = threading.Lock()  # mirrors and snapshot; held for CPU work only
+        self._mirrors: tuple[Mirror, ...] = tuple(Mirror() for _ in range(num_shards))
+        self._snapshot = Snapshot.of(self._mirrors)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def mirror(self, shard: int) -> Mirror:
+        return self._mirrors[shard]
+
+    def commit(self, updates: dict[int, tuple[Mirror, Mirror]]) -> None:
+        """Install ``{shard: (read, new)}``: each new mirror only if ``read`` is still the
+        shard's mirror (else the shard was lost or quarantined since; that change wins)."""
+        with self._lock:
+            mirrors = list(self._mirrors)
+            changed = False
+            for i, (read, new) in updates.items():
+                if mirrors[i] is read and new is not read:
+                    mirrors[i] = new
+                    changed = True
+            if changed:
+                self._publish(mirrors)
+
+    def drop(self, shard: int) -> None:
+        """The shard's data is unreachable: sample uniformly over what is left."""
+        with self._lock:
+            if self._mirrors[shard].seqs.size or self._mirrors[shard].epoch:
+                mirrors = list(self._mirrors)
+                mirrors[shard] = Mirror()
+                self._publish(mirrors)
+
+    def quarantine(self, shard: int, epoch: str, seqs: Sequence[int]) -> None:
+        """Stop drawing from segments of ``epoch`` that returned corrupt bytes; a shard that
+        restarted since (another epoch) reuses those seqs for healthy segments, kept."""
+        with self._lock:
+            m = self._mirrors[shard]
+            if m.epoch != epoch:
+                return
+            q = m.quarantined(seqs)
+            if q is not m:
+                mirrors = list(self._mirrors)
+                mirrors[shard] = q
+                self._publish(mirrors)
+
+    def _publish(self, mirrors: list[Mirror]) -> None:
+        # Caller holds the lock. Built from the tuple before it is published, so no pass can
+        # see a mirror another pass did not.
+        frozen = tuple(mirrors)
+        self._snapshot = Snapshot.of(frozen)
+        self._mirrors = frozen

@@ -1,0 +1,244 @@
+"""Evaluation during training: the evaluator plays fixed seeds deterministically, and the
+scheduler evaluates checkpoints, writes eval.jsonl and keeps ``best`` (also across a resume,
+and through pruning)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from actors.envs.embedded import EmbeddedDrivingEnv
+from actors.evaluator import Evaluator
+from common.config import ConvoyConfig, load_config
+from common.networks import Actor
+from common.weights import WeightsError, message_from_bytes, message_to_bytes, pack_weights
+from deploy.evaluation import EvalScheduler, read_history
+from learner.checkpoint import (
+    CheckpointData,
+    best_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+
+
+def _cfg(*over: str) -> ConvoyConfig:
+    return load_config(
+        None,
+        [
+            "learner.encoder=none",
+            "learner.hidden_dim=16",
+            "env.max_episode_steps=25",
+            "run.eval_episodes=2",
+            "run.eval_seed=77",
+            *over,
+        ],
+    )
+
+
+class SeedRecordingEnv(EmbeddedDrivingEnv):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seeds: list[int | None] = []
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+        self.seeds.append(seed)
+        return super().reset(seed=seed, options=options)
+
+
+def test_evaluator_plays_fixed_seeds_deterministically() -> None:
+    cfg = _cfg()
+    env = SeedRecordingEnv(cfg.env)
+    evaluator = Evaluator(cfg, lambda: env)
+    torch.manual_seed(0)
+    actor = Actor("none", 16)
+    message = message_to_bytes(pack_weights(7, actor))
+    try:
+        first = evaluator.evaluate(message)
+        second = evaluator.evaluate()  # the same weights again
+        assert env.seeds == [77, 78, 77, 78]
+        for key in first:
+            if key != "eval/seconds":
+                assert first[key] == second[key], key
+        assert first["eval/weights_version"] == 7.0 and first["eval/episodes"] == 2.0
+        assert 0.0 <= first["eval/route_completion"] <= 1.0
+        rates = (
+            sum(first[f"eval/{k}_rate"] for k in ("collision", "off_road", "time_limit")) + first["eval/success_rate"]
+        )
+        assert rates == pytest.approx(1.0)
+        # Different weights, same seeds: a different policy gives different results.
+        torch.manual_seed(1)
+        other = evaluator.evaluate(message_to_bytes(pack_weights(8, Actor("none", 16))))
+        assert env.seeds[-2:] == [77, 78]
+        assert other["eval/return"] != first["eval/return"]
+        with pytest.raises(WeightsError):
+            evaluator.evaluate(message_to_bytes(pack_weights(9, Actor("none", 8))))
+    finally:
+        evaluator.close()
+
+
+# ----- the scheduler with real Ray actors -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        namespace=f"test-evaluator-{uuid.uuid4().hex[:8]}",
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _remote_classes() -> tuple[Any, Any]:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class FakeLearner:
+        """Writes a real checkpoint (keep=1: pruning must spare `best`) per call."""
+
+        def __init__(self, run_dir: str, config_yaml: str) -> None:
+            self.run_dir, self.config_yaml, self.updates = run_dir, config_yaml, 0
+
+        def set_updates(self, n: int) -> None:
+            self.updates = n
+
+        def checkpoint(self, env_steps: int) -> str:
+            self.updates += 10
+            torch.manual_seed(self.updates)
+            data = CheckpointData(
+                networks={"actor": Actor("none", 16).state_dict()},
+                state={"env_steps": env_steps, "weights_version": self.updates // 10},
+                config_yaml=self.config_yaml,
+            )
+            return save_checkpoint(str(Path(self.run_dir) / "checkpoints"), self.updates, data, keep=1)
+
+    @ray.remote(num_cpus=0)
+    class ScriptedEvaluator:
+        """Returns scripted scores; checks it got a real weight message."""
+
+        def __init__(self, scores: list[tuple[float, float]]) -> None:
+            self.scores = list(scores)
+
+        def evaluate(self, message: bytes) -> dict[str, float]:
+            version = message_from_bytes(message).version
+            rc, ret = self.scores.pop(0)
+            return {
+                "eval/route_completion": rc,
+                "eval/return": ret,
+                "eval/success_rate": float(rc >= 1.0),
+                "eval/collision_rate": 0.0,
+                "eval/off_road_rate": 0.0,
+                "eval/weights_version": float(version),
+            }
+
+    return FakeLearner, ScriptedEvaluator
+
+
+def _run_eval(sched: EvalScheduler, updates: int, env_steps: int, learner: Any) -> dict[str, Any]:
+    import time
+
+    assert sched.maybe_submit(updates, env_steps, learner)
+    assert not sched.maybe_submit(updates + 1000, env_steps, learner), "one evaluation in flight at a time"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        record = sched.poll()
+        if record is not None:
+            return record
+        time.sleep(0.02)
+    raise AssertionError("evaluation did not finish")
+
+
+def test_scheduler_keeps_best_by_route_completion_then_return_across_resume(ray_local: None, tmp_path: Path) -> None:
+    cfg = _cfg("run.eval_every_updates=10")
+    run = str(tmp_path / "run")
+    fake_learner, scripted = _remote_classes()
+    learner = fake_learner.remote(run, cfg.to_yaml())
+    scores = [(0.5, 10.0), (0.8, 5.0), (0.8, 4.0), (0.8, 6.0)]
+    sched = EvalScheduler(cfg, run, make_evaluator=lambda: scripted.remote(scores))
+    assert not sched.maybe_submit(9, 100, learner), "not due before eval_every_updates"
+    bests = []
+    for k in range(4):
+        record = _run_eval(sched, 10 * (k + 1), 100 * (k + 1), learner)
+        bests.append(record["best"])
+        # The evaluator got the checkpoint's actor: its version is the checkpoint's.
+        assert (
+            record["eval/weights_version"]
+            == load_checkpoint(record["checkpoint"], (), full=False).state["weights_version"]
+        )
+    # Ties on route completion are broken by return: 0.8/6.0 beats 0.8/5.0, 0.8/4.0 does not.
+    assert bests == [True, True, False, True]
+    name, metrics = best_checkpoint(run)
+    assert name == "ckpt-0000000040" and metrics["eval/return"] == 6.0
+    assert resolve_checkpoint(run, "best").endswith("ckpt-0000000040")
+    lines = [json.loads(x) for x in (Path(run) / "eval.jsonl").read_text().splitlines()]
+    assert [r["env_steps"] for r in lines] == [100, 200, 300, 400]
+    assert sched.summary()["eval/best_route_completion"] == 0.8
+
+    # A resumed run reads the best score back: a worse result does not replace `best`, and
+    # pruning (keep=1) keeps it on storage.
+    learner2 = fake_learner.remote(run, cfg.to_yaml())
+    ray_get = __import__("ray").get
+    ray_get(learner2.set_updates.remote(40))
+    resumed = EvalScheduler(
+        cfg, run, make_evaluator=lambda: scripted.remote([(0.7, 50.0), (0.9, 1.0)]), start_updates=40
+    )
+    assert resumed.best_score == (0.8, 6.0) and len(resumed.history) == 4
+    assert not resumed.maybe_submit(45, 450, learner2) and resumed.next_due == 50
+    assert _run_eval(resumed, 50, 500, learner2)["best"] is False
+    assert best_checkpoint(run)[0] == "ckpt-0000000040"
+    assert {c.name for c in list_checkpoints(run)} == {"ckpt-0000000040", "ckpt-0000000050"}
+    assert _run_eval(resumed, 60, 600, learner2)["best"] is True
+    assert best_checkpoint(run)[0] == "ckpt-0000000060"
+    assert len(read_history(run)) == 6
+    resumed.close()
+    sched.close()
+
+
+def test_finish_evaluates_the_final_checkpoint(ray_local: None, tmp_path: Path) -> None:
+    cfg = _cfg("run.eval_every_updates=10")
+    run = str(tmp_path / "run")
+    fake_learner, scripted = _remote_classes()
+    learner = fake_learner.remote(run, cfg.to_yaml())
+    sched = EvalScheduler(cfg, run, make_evaluator=lambda: scripted.remote([(0.3, 1.0), (0.6, 2.0)]))
+    assert sched.maybe_submit(10, 100, learner)  # left in flight: finish waits for it
+    import ray
+
+    while sched.stage == "checkpoint":  # its weights are read before the final checkpoint prunes it
+        assert sched.poll() is None
+    final = ray.get(learner.checkpoint.remote(150))
+    record = sched.finish(final, 20, 150)
+    assert record is not None and record["checkpoint"] == final and record["eval/route_completion"] == 0.6
+    assert [r["eval/route_completion"] for r in read_history(run)] == [0.3, 0.6]
+    assert sched.finish(final, 20, 150) is record, "an evaluated checkpoint is not evaluated twice"
+    sched.close()
+
+
+def test_real_evaluator_actor_on_a_checkpoint(ray_local: None, tmp_path: Path) -> None:
+    """The default evaluator actor (its own process and embedded simulator) scores a checkpoint."""
+    from deploy.evaluation import default_evaluator
+
+    cfg = _cfg("run.eval_every_updates=10")
+    run = str(tmp_path / "run")
+    fake_learner, _ = _remote_classes()
+    learner = fake_learner.remote(run, cfg.to_yaml())
+    sched = EvalScheduler(cfg, run, make_evaluator=lambda: default_evaluator(cfg))
+    record = _run_eval(sched, 10, 100, learner)
+    assert record["eval/episodes"] == 2.0 and np.isfinite(record["eval/return"])
+    assert record["best"] is True
+    sched.close()
