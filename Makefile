@@ -25,6 +25,7 @@ train: setup
 	$(VENV)/bin/convoy train --config deploy/configs/local.yaml $(ARGS)
 
 test: setup
+	@deploy/scripts/ensure-prometheus.sh
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -393,7 +393,7 @@ class MetricsExporter:
             self._pusher = _RayPusher(self.store)
         else:
             registry = CollectorRegistry()
-            registry.register(_StoreCollector(self.store))  # type: ignore[arg-type]
+            registry.register(_StoreCollector(self.store))
             self._server, _ = start_http_server(port, addr=host, registry=registry)
             self.port = int(self._server.server_port)
 

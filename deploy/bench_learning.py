@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from common.config import ConfigError, ConvoyConfig, load_config
 
@@ -94,14 +94,14 @@ def _median(values: list[float | int | None]) -> float | None:
     return None if m == float("inf") else m
 
 
-def run_one(cfg: ConvoyConfig, log_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_one(cfg: ConvoyConfig, log_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One training run; (its summary, its evaluation records)."""
     from deploy.driver import train
     from deploy.evaluation import read_history
 
     with open(log_path, "w") as log:
         start = time.monotonic()
-        summary = train(cfg, out=_Tee(log))
+        summary = train(cfg, out=cast(TextIO, _Tee(log)))
         summary["bench_wall_seconds"] = round(time.monotonic() - start, 1)
     return summary, read_history(cfg.run.out_dir)
 

@@ -13,12 +13,23 @@ from pathlib import Path
 
 from common.config import ConfigError, ConvoyConfig, describe_keys, from_dict, load_config
 
+CPU_PROFILE_NOTE = (
+    "no CUDA GPU: using the CPU profile deploy/configs/local-cpu.yaml (vector-only lane following, which learns "
+    "within minutes on a few cores; pixels need a GPU: --config deploy/configs/local.yaml)"
+)
 
-def default_config_path() -> str:
-    local = Path("deploy/configs/local.yaml")
+
+def default_config_path(gpu: bool | None = None) -> str:
+    """local.yaml (pixels) where a CUDA GPU exists, else the CPU profile local-cpu.yaml."""
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    name = "local.yaml" if gpu else "local-cpu.yaml"
+    local = Path("deploy/configs") / name
     if local.is_file():
         return str(local)
-    return str(resources.files("deploy").joinpath("configs/local.yaml"))
+    return str(resources.files("deploy").joinpath(f"configs/{name}"))
 
 
 def load_run_config(run: str, overrides: Sequence[str]) -> ConvoyConfig:
@@ -56,7 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train on the configured simulator")
-    t.add_argument("--config", default=None, help="run config YAML (default: deploy/configs/local.yaml)")
+    t.add_argument(
+        "--config",
+        default=None,
+        help="run config YAML (default: deploy/configs/local.yaml with a CUDA GPU, else the CPU profile "
+        "local-cpu.yaml)",
+    )
     t.add_argument(
         "--resume",
         default=None,
@@ -77,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=1_000_003, help="seed of the first evaluation episode")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    b = sub.add_parser("bench", help="benchmarks: `convoy bench replay|learner [--json] ...`")
-    b.add_argument("target", choices=("replay", "learner"))
+    b = sub.add_parser("bench", help="benchmarks: `convoy bench replay|learner|learning [--json] ...`")
+    b.add_argument("target", choices=("replay", "learner", "learning"))
     b.add_argument(
         "bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see --help after the target)"
     )
@@ -137,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 summary = train(cfg, resume=args.resume)
             else:
-                summary = train(load_config(args.config or default_config_path(), args.overrides))
+                config_path = args.config or default_config_path()
+                if config_path.endswith("local-cpu.yaml") and not args.config:
+                    print(CPU_PROFILE_NOTE, flush=True)
+                summary = train(load_config(config_path, args.overrides))
             if str(summary.get("exit_reason", "")).startswith("gave_up"):
                 return 1
         elif args.command == "scale":

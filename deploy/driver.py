@@ -135,6 +135,22 @@ def _local_resources(cfg: ConvoyConfig) -> dict[str, float]:
     return out
 
 
+def make_control(namespace: str, wanted: int) -> Any:
+    """The run's named control actor, on the driver's own node: it must not go away with a
+    worker node (its state is the wanted collector count, which the supervisor also holds)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from deploy.control import CONTROL_NAME, RunControl
+
+    here = ray.get_runtime_context().get_node_id()
+    return RunControl.options(  # type: ignore[attr-defined]
+        name=CONTROL_NAME,
+        namespace=namespace,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+    ).remote(wanted)
+
+
 def _wait(refs: list[Any], what: str, out: TextIO, say_every_s: float = 15.0) -> list[Any]:
     """ray.get that says what it waits for (a node the autoscaler is still starting)."""
     import ray
@@ -157,7 +173,7 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
     import ray
 
     from actors.remote import CollectorActor
-    from deploy.control import CONTROL_NAME, RunControl, namespace_for
+    from deploy.control import CONTROL_NAME, namespace_for
     from learner.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
     from learner.remote import LearnerActor
     from replay_service.remote import ShardActor
@@ -208,9 +224,7 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
             )
         except ValueError:
             pass
-        control = RunControl.options(name=CONTROL_NAME, namespace=namespace).remote(  # type: ignore[attr-defined]
-            cfg.collector.num_collectors
-        )
+        control = make_control(namespace, cfg.collector.num_collectors)
         config_dict = cfg.to_dict()  # unredacted: constructor arguments are the one way secrets travel
 
         # ----- replay shards -----
@@ -279,6 +293,7 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
             progress,
             out,
             control=control,
+            make_control=functools.partial(make_control, namespace),
             restore_path=newest_checkpoint,
             on_tick=(lambda p: exporter.update(p.summary())) if exporter else None,
         )

@@ -53,6 +53,7 @@ def write_report(run_uri: str | Path, out: str | Path | None = None) -> str:
         bottom.set_xlabel("wall-clock time (s)")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
+            ax.ticklabel_format(axis="y", useOffset=False)  # a steady rate reads as 50, not 1e-4 + 5e1
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize="small")
     fig.suptitle(f"convoy run {storage.basename(str(run_uri))}")

@@ -200,6 +200,7 @@ class Supervisor:
         progress: Progress,
         out: TextIO,
         control: Any = None,
+        make_control: Callable[[int], Any] | None = None,
         restore_path: Callable[[], str | None] = lambda: None,
         on_tick: Callable[[Progress], None] | None = None,
     ) -> None:
@@ -211,6 +212,7 @@ class Supervisor:
         self.progress = progress
         self.out = out
         self.control = control
+        self.make_control = make_control
         self.restore_path = restore_path
         self.on_tick = on_tick
         self.slots: dict[int, Slot] = {}
@@ -427,6 +429,13 @@ class Supervisor:
         try:
             wanted = ray.get(self.control.get_wanted.remote(), timeout=5)
         except GetTimeoutError:
+            return
+        except (RayError, RayActorError) as exc:
+            # It lives on the driver's node, so this is rare; the supervisor knows the count.
+            self.say(f"the run's control actor failed ({describe_failure(exc)}); starting a new one")
+            with contextlib.suppress(Exception):
+                ray.kill(self.control, no_restart=True)
+            self.control = self.make_control(self.wanted) if self.make_control else None
             return
         self.scale_to(int(wanted))
         status = {k.split("/", 1)[1]: v for k, v in self.progress.summary().items()}

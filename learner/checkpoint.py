@@ -219,7 +219,11 @@ def _prune(store: Store, keep: int) -> None:
     names = sorted((n for n in store.list() if _NAME.fullmatch(n)), key=_updates_of)
     complete = [n for n in names if store.exists(f"{n}/{MANIFEST}")]
     if complete:
-        best = _read_best(store)
+        try:
+            best = _read_best(store)
+        except CheckpointError as exc:
+            log.warning("pruning as if there were no best checkpoint: %s", exc)
+            best = None
         kept = set(complete[-keep:]) | ({best[0]} if best is not None else set())
         newest = _updates_of(complete[-1])
         for n in names:
@@ -374,7 +378,8 @@ def mark_best(run_uri: str | Path, checkpoint_name: str, metrics: dict[str, Any]
     if not cstore.exists(f"{name}/{MANIFEST}"):
         raise CheckpointError(f"no complete checkpoint {name!r} in {redact(cstore.uri)!r}")
     payload = {"name": name, "metrics": metrics, "time": time.time()}
-    cstore.write_bytes(BEST, json.dumps(payload, indent=2, sort_keys=True).encode())
+    # default=float: numpy scalars in metrics are written as numbers.
+    cstore.write_bytes(BEST, json.dumps(payload, indent=2, sort_keys=True, default=float).encode())
 
 
 def resolve_checkpoint(path: str | Path, name: str = "latest") -> str:

@@ -38,10 +38,6 @@ class Mirror:
     tab: np.ndarray = field(default_factory=lambda: _empty(np.int64))
     next_seq: int = 0
 
-    @property
-    def size(self) -> int:
-        return int(self.lengths.sum())
-
     def without_before(self, head: int) -> Mirror:
         """The segments the shard has not evicted (those from seq ``head`` on)."""
         k = int(np.searchsorted(self.seqs, head, side="left"))

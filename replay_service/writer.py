@@ -64,8 +64,6 @@ class ReplayWriter:
         self.codec = FrameCodec(codec)
         self.limiter = SampleToInsertRatio(samples_per_insert, max(1, min_size_to_sample), spi_tolerance)
         self.rate_limit_poll_s = rate_limit_poll_s
-        # Adopted by a shard that has no epoch yet (fresh or restarted empty): see insert.lua.
-        self._epoch = os.urandom(8).hex()
         self._next = writer_id % len(self.shards)
         self._counters = [_ShardCounters() for _ in self.shards]
         self.dropped_segments_total = 0
@@ -127,7 +125,10 @@ class ReplayWriter:
                 self.shards[i].reset(self.health[i].generation)
             start = time.perf_counter()
             try:
-                res = self.shards[i].insert(blob, segment.num_transitions, self.capacity_per_shard, self._epoch)
+                # The epoch a shard with none adopts (fresh or restarted empty, see insert.lua): a fresh
+                # candidate per insert, so a shard restarted on its old address never reuses an epoch
+                # a sampler has mirrored.
+                res = self.shards[i].insert(blob, segment.num_transitions, self.capacity_per_shard, os.urandom(8).hex())
             except ShardUnavailable as exc:
                 self.health[i].failed(exc)
                 continue

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,10 @@ VENV_BIN = Path(sys.executable).parent
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def unavailable_reason() -> str | None:
@@ -98,7 +102,14 @@ class NetnsCluster:
 
     RAY_PORT = 6379
 
-    def __init__(self, nodes: Sequence[Mapping[str, object]], object_store_mb: int = 150) -> None:
+    def __init__(
+        self,
+        nodes: Sequence[Mapping[str, object]],
+        object_store_mb: int = 150,
+        setup: Callable[[NetnsCluster], Mapping[str, str]] | None = None,
+    ) -> None:
+        """``setup`` runs once the network exists and before any Ray node starts (e.g. to
+        start a server on :attr:`gateway`); the variables it returns go to every node."""
         self.tag = secrets.token_hex(3)
         self.subnet = _free_subnet()
         hosts = list(self.subnet.hosts())
@@ -124,9 +135,17 @@ class NetnsCluster:
             )
         self._links: list[str] = []
         self._closed = False
+        self.extra_env: dict[str, str] = {}
+        self._cleanups: list[Callable[[], None]] = []
         atexit.register(self.close)
+        # A SIGTERM (a CI time-out, a killed test run) must still tear everything down:
+        # turned into SystemExit, it unwinds through close() and the atexit hook.
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             self._make_network()
+            if setup is not None:
+                self.extra_env.update(setup(self))
             for node in self.nodes:
                 self.start_node(node)
         except BaseException:
@@ -174,6 +193,7 @@ class NetnsCluster:
             "SDL_VIDEODRIVER": "offscreen",
         }
         env.pop("RAY_ADDRESS", None)
+        env.update(self.extra_env)
         env.update(extra or {})
         return env
 
@@ -232,8 +252,8 @@ class NetnsCluster:
         """Until the head's GCS lists exactly the nodes this cluster thinks are alive."""
         want = {n.address for n in self.nodes if n.alive}
         script = (
-            "import json, ray; ray.init(address=%r, logging_level='ERROR'); "
-            "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))" % self.address
+            f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
+            "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))"
         )
         deadline = time.monotonic() + timeout
         last = ""
@@ -275,6 +295,10 @@ class NetnsCluster:
 
     # ----- teardown -------------------------------------------------------------------
 
+    def on_close(self, cleanup: Callable[[], None]) -> None:
+        """Run ``cleanup`` when the cluster is torn down (before the network goes)."""
+        self._cleanups.append(cleanup)
+
     def close(self) -> None:
         if self._closed:
             return
@@ -282,6 +306,9 @@ class NetnsCluster:
         for node in self.nodes:
             with contextlib.suppress(Exception):
                 self.stop_node(node)
+        for cleanup in reversed(self._cleanups):
+            with contextlib.suppress(Exception):
+                cleanup()
         for node in self.nodes:
             _ip("netns", "delete", node.netns, check=False)
         for link in self._links:

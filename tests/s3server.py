@@ -11,6 +11,7 @@ import contextlib
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -44,10 +45,13 @@ def start_moto_server(host: str, timeout_s: float = 30.0) -> tuple[str, Callable
     and RuntimeError says why.
     """
     port = _free_port(host)
+    # A file, not a pipe: the server logs every request, and a pipe nobody reads fills up
+    # and blocks it.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (open as long as the server runs; stop() closes it)
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
 
@@ -59,15 +63,15 @@ def start_moto_server(host: str, timeout_s: float = 30.0) -> tuple[str, Callable
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        log.close()
 
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + timeout_s
     try:
         while True:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+                log.seek(0)
+                err = log.read().decode(errors="replace")[-2000:]
                 raise RuntimeError(f"moto server exited with {proc.returncode}: {err}")
             try:
                 urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()

@@ -44,6 +44,8 @@ def test_train_then_evaluate(tmp_path: Path) -> None:
         "learner.batch_size=32",
         "learner.publish_every=2",
         "learner.updates_per_call=2",
+        # The replay ratio limiter (tested on its own) would hold a tiny CPU run to the learner's pace.
+        "replay.samples_per_insert=0",
         "learner.hidden_dim=32",
         "run.progress_every_s=1",
         f"run.out_dir={out}",

@@ -17,7 +17,6 @@ import pytest
 from common.config import load_config
 from common.metrics import LATENCY_BUCKETS, Latency, MetricsExporter, MetricStore, series_name
 
-
 _RAY_LABELS = re.compile(r'(Component|NodeAddress|SessionName|Version|WorkerId)="[^"]*",?')
 
 

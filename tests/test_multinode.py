@@ -1,0 +1,193 @@
+"""convoy on a real multi-node Ray cluster: one Linux network namespace per node.
+
+The head (no ``collector`` resource) must get the learner, the worker (``{collector: 2,
+replay: 1}``) both collectors and the shard, and the run stores everything on an S3-protocol
+server (moto) that every node reaches on the bridge. Then checkpoints are listed, pulled
+and evaluated as a user would, and the shard is shown to refuse clients without the
+run's password.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.multinode import NetnsCluster, unavailable_reason
+from tests.s3server import create_bucket, start_moto_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.multinode]
+REPO = Path(__file__).resolve().parents[1]
+PASSWORD = "mn-test-secret-" + "x7Qp2"  # set through the environment; must never be printed or saved
+
+
+@pytest.fixture(scope="module")
+def s3_cluster() -> object:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+    def start_s3(cluster: NetnsCluster) -> dict[str, str]:
+        url, stop = start_moto_server(cluster.gateway)
+        cluster.on_close(stop)
+        create_bucket(url, "convoy-mn")
+        return {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "CONVOY_S3_ENDPOINT_URL": url,
+        }
+
+    cluster = NetnsCluster(
+        [{"num_cpus": 1}, {"num_cpus": 2, "resources": {"collector": 2, "replay": 1}}],
+        setup=start_s3,
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+class Lines:
+    """Collects a process's output lines in a thread so a test can wait for one."""
+
+    def __init__(self, stream: object, proc: subprocess.Popen[str] | None = None) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: object) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            self.lines.append(line)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = re.search(pattern, line)
+                if m:
+                    return m
+            if self.proc is not None and self.proc.poll() is not None:
+                time.sleep(0.5)  # the reader thread may still be draining the pipe
+                if not any(re.search(pattern, line) for line in self.lines):
+                    raise AssertionError(
+                        f"the process ended (exit {self.proc.returncode}) before a line matching "
+                        f"{pattern!r}:\n{self.text[-4000:]}"
+                    )
+            time.sleep(0.2)
+        raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n{self.text[-4000:]}")
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def test_run_across_nodes_with_s3_storage(s3_cluster: NetnsCluster, tmp_path: Path) -> None:
+    cluster = s3_cluster
+    head, worker = cluster.nodes
+    run_uri = "s3://convoy-mn/runs/mn1"
+    proc = cluster.popen(
+        head,
+        [
+            sys.executable,
+            "-m",
+            "deploy.cli",
+            "train",
+            "--config",
+            "deploy/configs/local.yaml",
+            f"run.ray_address={cluster.address}",
+            f"run.out_dir={run_uri}",
+            "run.total_env_steps=2000",
+            "run.checkpoint_every_updates=20",
+            "run.progress_every_s=2",
+            "collector.resources=collector:1",
+            "collector.start_steps=300",
+            "collector.steps_per_call=50",
+            "replay.shard_resources=replay:1",
+            "learner.batch_size=32",
+            "learner.hidden_dim=32",
+            "learner.publish_every=2",
+            "learner.updates_per_call=2",
+            # The replay ratio limiter (tested on its own) would hold a tiny CPU run to the learner's pace.
+            "replay.samples_per_insert=0",
+        ],
+        env={"CONVOY_REPLAY_PASSWORD": PASSWORD},
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out = Lines(proc.stdout, proc)
+    try:
+        shard = out.wait_for(r"placement: shard 0 -> node (\S+) \(redis://([\d.]+):(\d+)/0\)", timeout=240)
+        assert shard.group(1) == worker.address and shard.group(2) == worker.address
+        host, port = shard.group(2), int(shard.group(3))
+        # The shard listens on the worker's own address, and only with the run's password.
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host=host, port=port, socket_timeout=5).ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host=host, port=port, password="wrong", socket_timeout=5).ping()
+        assert redis.Redis(host=host, port=port, password=PASSWORD, socket_timeout=5).ping()
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run did not finish within 600 s:\n" + out.text[-5000:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.text
+    assert proc.returncode == 0, text[-5000:]
+    assert PASSWORD not in text
+    learner = re.search(r"placement: learner -> node (\S+)", text)
+    assert learner and learner.group(1) == head.address, text[-3000:]
+    collectors = re.findall(r"placement: collector (\d) -> node (\S+)", text)
+    assert sorted(collectors) == [("0", worker.address), ("1", worker.address)], text[-3000:]
+    done = re.search(
+        r"done \(budget\): env_steps (\d+) .* updates (\d+) .* weights v(\d+), collectors acted with up to v(\d+)", text
+    )
+    assert done, text[-3000:]
+    env_steps, updates, version, acting = map(int, done.groups())
+    assert env_steps == 2000 and updates > 0 and version > 0 and acting > 0
+
+    def convoy(*args: str) -> object:
+        return cluster.run(head, [sys.executable, "-m", "deploy.cli", *args], cwd=str(REPO), timeout=300)
+
+    summary_text = convoy_cat(cluster, head, run_uri + "/summary.json")
+    summary = json.loads(summary_text)
+    assert summary["exit_reason"] == "budget" and summary["env_steps"] == 2000 and summary["corrupt_segments"] == 0
+    config_text = convoy_cat(cluster, head, run_uri + "/config.yaml")
+    assert PASSWORD not in config_text and "password: '***'" in config_text
+
+    listed = convoy("checkpoints", "list", run_uri, "--json")
+    assert listed.returncode == 0, listed.stderr[-3000:]  # type: ignore[attr-defined]
+    checkpoints = json.loads(listed.stdout)  # type: ignore[attr-defined]
+    assert checkpoints and checkpoints[-1]["updates"] == updates
+    pulled = tmp_path / "pulled"
+    pulled.mkdir()
+    pull = convoy("checkpoints", "pull", run_uri, "--checkpoint", "latest", "--to", str(pulled))
+    assert pull.returncode == 0, pull.stderr[-3000:]  # type: ignore[attr-defined]
+    (ckpt_dir,) = [p for p in pulled.iterdir() if p.is_dir()]
+    ev = convoy("evaluate", "--checkpoint", str(ckpt_dir), "--episodes", "1", "--json")
+    assert ev.returncode == 0, ev.stderr[-3000:]  # type: ignore[attr-defined]
+    result = json.loads(ev.stdout)  # type: ignore[attr-defined]
+    assert result["episodes"] == 1 and result["updates"] == updates
+
+
+def convoy_cat(cluster: NetnsCluster, node: object, uri: str) -> str:
+    """Read one object of the run's storage from inside a node, as a user's tools would."""
+    r = cluster.run(
+        node,  # type: ignore[arg-type]
+        [sys.executable, "-c", "import sys; from common import storage; print(storage.read_text(sys.argv[1]))", uri],
+        cwd=str(REPO),
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
