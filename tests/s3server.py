@@ -38,6 +38,15 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies, so a killed test run (e.g. by
+    `timeout`) leaves no server behind (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
 def start_moto_server(host: str, timeout_s: float = 30.0) -> tuple[str, Callable[[], None]]:
     """Start moto's S3 server on a free port of ``host``; returns ``(url, stop)``.
 
@@ -53,6 +62,7 @@ def start_moto_server(host: str, timeout_s: float = 30.0) -> tuple[str, Callable
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
 
     def stop() -> None:
