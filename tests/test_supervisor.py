@@ -130,7 +130,7 @@ def test_a_dead_collector_is_replaced_and_gets_the_newest_weights(local_ray: Non
 
 
 def test_collectors_that_keep_failing_end_the_run_naming_the_cause(local_ray: None) -> None:
-    sup, _, out = _supervisor("raise", **{"collector.max_failures": 3})
+    sup, _, _out = _supervisor("raise", **{"collector.max_failures": 3})
     with pytest.raises(GiveUp, match=r"failed 3 times in a row.*simulator of collector \d is gone"):
         sup.run()
     assert sup.progress.counts.collector_restarts == 3
@@ -147,7 +147,7 @@ def test_a_dead_learner_without_checkpoint_restarts_fresh(local_ray: None) -> No
 
 
 def test_scaling_down_stops_the_highest_indices(local_ray: None) -> None:
-    sup, made, out = _supervisor("fine", total=10_000)
+    sup, _made, _out = _supervisor("fine", total=10_000)
     sup.start_collector(0)
     sup.start_collector(1)
     sup.scale_to(4)
