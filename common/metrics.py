@@ -12,8 +12,11 @@ Translation (the one copy of these rules):
 * every series carries ``run="<name>"`` plus the labels the edge passes with the dict
   (``component``, ``collector``).
 * keys ending in ``_total`` are counters. Components report totals since *they* started; the
-  exporter keeps each labelled counter monotonic across a restart of the component (a
-  replaced collector starts from 0 again, its ``collector="3"`` series continues).
+  exporter keeps each labelled counter monotonic across a restart of the component: a total
+  below the last one starts a new baseline, and only increments after it are added. So a
+  replaced collector's ``collector="3"`` series continues (less the steps of its first report),
+  and a learner restored from a checkpoint, whose update count goes back to the checkpoint's,
+  neither counts those updates twice nor shows them as a burst in ``rate()``.
 * histograms: the parts a :class:`Latency` writes (``<key>_bucket{le="..."}``,
   ``<key>_sum``, ``<key>_count``) become one Prometheus histogram, in base units (seconds).
 * everything else is a gauge. NaN and infinite values are not exported (no value yet).
@@ -163,6 +166,8 @@ class MetricStore:
         self._counters: dict[tuple[str, Labels], _Counter] = {}
         self._hists: dict[tuple[str, Labels], _Histogram] = {}
         self._meta: dict[str, tuple[str, str, tuple[str, ...]]] = {}  # name -> kind, help, label names
+        self._buckets: dict[str, tuple[str, int] | None] = {}
+        self._names: dict[tuple[str, Labels], tuple[str, Labels]] = {}
 
     def _register(self, name: str, kind: str, key: str, labels: Labels) -> None:
         names = tuple(k for k, _ in labels)
@@ -175,60 +180,70 @@ class MetricStore:
                 f"but was first exported as a {meta[0]} with labels {meta[2]}"
             )
 
+    def _bucket(self, key: str) -> tuple[str, int] | None:
+        """(histogram base key, bucket index) of a ``_bucket{le=...}`` key, else None; cached."""
+        if key not in self._buckets:
+            m = _BUCKET.match(key)
+            if m and m["le"] not in _LE_INDEX:
+                raise ValueError(f"histogram key {key!r}: le must be one of LATENCY_BUCKETS")
+            self._buckets[key] = (m["base"], _LE_INDEX[m["le"]]) if m else None
+        return self._buckets[key]
+
+    def _series(self, key: str, edge: Labels, kind: str) -> tuple[str, Labels]:
+        """(name, labels) of a key under the edge's labels; cached, as the same keys come every tick."""
+        hit = self._names.get((key, edge))
+        if hit is None:
+            name, entity = series_name(key)
+            hit = (name, tuple(sorted({**dict(edge), **entity}.items())))
+            self._register(name, kind, key, hit[1])
+            self._names[(key, edge)] = hit
+        return hit
+
     def update(self, values: Mapping[str, Any], labels: Mapping[str, str]) -> None:
         now = time.monotonic()
-        edge = {"run": self.run, **labels}
-        hist_parts: dict[str, dict[str, Any]] = {}
+        edge = tuple(sorted({"run": self.run, **labels}.items()))
+        hist_parts: dict[str, list[float]] = {}
         plain: dict[str, float] = {}
-        for key, value in values.items():
-            if not isinstance(value, int | float) or key.endswith("_per_s"):
-                continue
-            m = _BUCKET.match(key)
-            if m:
-                if m["le"] not in _LE_INDEX:
-                    raise ValueError(f"histogram key {key!r}: le must be one of LATENCY_BUCKETS")
-                part = hist_parts.setdefault(m["base"], {"buckets": [0.0] * len(LATENCY_BUCKETS)})
-                part["buckets"][_LE_INDEX[m["le"]]] = float(value)
-            else:
-                plain[key] = float(value)
-        for base, part in hist_parts.items():
-            count, total = plain.pop(f"{base}_count", None), plain.pop(f"{base}_sum", None)
-            if count is None or total is None:
-                raise ValueError(f"histogram {base!r}: buckets without {base}_count and {base}_sum")
-            part["raw"] = [*part["buckets"], count]
-            part["sum"] = total
         with self._lock:
+            for key, value in values.items():
+                if not isinstance(value, int | float) or key.endswith("_per_s"):
+                    continue
+                bucket = self._bucket(key)
+                if bucket is None:
+                    plain[key] = float(value)
+                else:
+                    hist_parts.setdefault(bucket[0], [0.0] * len(LATENCY_BUCKETS))[bucket[1]] = float(value)
             for key, value in plain.items():
+                if key.endswith(("_count", "_sum")) and key.rsplit("_", 1)[0] in hist_parts:
+                    continue
                 if not math.isfinite(value):
                     continue
-                name, entity = series_name(key)
-                lab = tuple(sorted({**edge, **entity}.items()))
-                if name.endswith("_total"):
-                    self._register(name, "counter", key, lab)
-                    c = self._counters.get((name, lab))
+                if key.endswith("_total"):
+                    series = self._series(key, edge, "counter")
+                    c = self._counters.get(series)
                     if c is None:
-                        self._counters[(name, lab)] = _Counter(value, value, now)
+                        self._counters[series] = _Counter(value, value, now)
                     else:
-                        # A total below the last one: the component restarted and counts from 0.
-                        c.total += value - c.raw if value >= c.raw else value
+                        # A total below the last one: the component restarted; a new baseline.
+                        c.total += value - c.raw if value >= c.raw else 0.0
                         c.raw, c.seen = value, now
                 else:
-                    self._register(name, "gauge", key, lab)
-                    self._gauges[(name, lab)] = (value, now)
-            for base, part in hist_parts.items():
-                name, entity = series_name(base)
-                lab = tuple(sorted({**edge, **entity}.items()))
-                self._register(name, "histogram", base, lab)
-                raw, raw_sum = part["raw"], part["sum"]
-                h = self._hists.get((name, lab))
+                    self._gauges[self._series(key, edge, "gauge")] = (value, now)
+            for base, buckets in hist_parts.items():
+                count, total = plain.get(f"{base}_count"), plain.get(f"{base}_sum")
+                if count is None or total is None:
+                    raise ValueError(f"histogram {base!r}: buckets without {base}_count and {base}_sum")
+                raw = [*buckets, count]
+                series = self._series(base, edge, "histogram")
+                h = self._hists.get(series)
                 if h is None:
-                    self._hists[(name, lab)] = _Histogram(raw, raw_sum, list(raw), raw_sum, now)
+                    self._hists[series] = _Histogram(raw, total, list(raw), total, now)
                     continue
-                restarted = raw[-1] < h.raw[-1]
-                for i, n in enumerate(raw):
-                    h.cum[i] += n if restarted else n - h.raw[i]
-                h.total += raw_sum if restarted else raw_sum - h.raw_sum
-                h.raw, h.raw_sum, h.seen = raw, raw_sum, now
+                if count >= h.raw[-1]:  # else the component restarted: a new baseline
+                    for i, n in enumerate(raw):
+                        h.cum[i] += max(0.0, n - h.raw[i])
+                    h.total += max(0.0, total - h.raw_sum)
+                h.raw, h.raw_sum, h.seen = raw, total, now
 
     def families(self) -> list[Family]:
         """Every series; a gauge not updated for ``stale_after_s`` (its component is gone) is left out."""
@@ -358,7 +373,7 @@ class MetricsExporter:
     an actor just before it is killed can be lost, so convoy records everything in the
     driver (which receives every component's dict anyway) and a killed actor loses nothing
     already reported; a replaced actor's counters restart at 0, so the store keeps the
-    labelled series monotonic; ``Counter.inc`` refuses 0, so a counter's series is created at
+    labelled series monotonic (see the module docstring); ``Counter.inc`` refuses 0, so a counter's series is created at
     0 explicitly. A gauge of a component that stops reporting (removed or dead) is left out
     after ``stale_after_s``, and Ray's agent then expires it.
     """

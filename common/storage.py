@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
@@ -145,8 +146,6 @@ class LocalStore:
         return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
 
     def remove(self, key: str) -> None:
-        import shutil
-
         p = self.path(key)
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

