@@ -97,9 +97,9 @@ class Learner:
         self.update_latency = Latency("learner/update_seconds")  # prepare (host to device) + one TD3 step
         self.publish_latency = Latency("learner/publish_seconds")  # snapshot to encoded message, ready to send
         self._initial_encoders = {name: _snapshot(enc.state_dict()) for name, enc in self.agent.encoders()}
-        # One background thread: weight encoding and checkpoint writes happen in order, off
-        # the update path.
-        self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-io")
+        # Weight encoding runs on one background thread, off the update path. Checkpoint writes get their own thread: an upload to object storage takes seconds
+        # and must not hold back the weight publishing that collectors wait for.
+        self._checkpoint_io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-ckpt")
         self._weight_change_at = 0.0
         self._weight_change: dict[str, float] = {}
         log.info(
@@ -213,6 +213,7 @@ class Learner:
     def flush(self) -> None:
         """Wait for background encoding and checkpoint writes to finish."""
         self._io.submit(lambda: None).result()
+        self._checkpoint_io.submit(lambda: None).result()
 
     # ----- checkpoints -------------------------------------------------------------------
 
@@ -252,7 +253,7 @@ class Learner:
             log.info("checkpoint %s", written)
             return written
 
-        future = self._io.submit(write)
+        future = self._checkpoint_io.submit(write)
         return future.result() if wait else path
 
     def restore(self, path: str | Path) -> str:
@@ -320,4 +321,5 @@ class Learner:
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
+        self._checkpoint_io.shutdown(wait=True)
         self.source.close()
