@@ -97,8 +97,10 @@ class Learner:
         self.update_latency = Latency("learner/update_seconds")  # prepare (host to device) + one TD3 step
         self.publish_latency = Latency("learner/publish_seconds")  # snapshot to encoded message, ready to send
         self._initial_encoders = {name: _snapshot(enc.state_dict()) for name, enc in self.agent.encoders()}
-        # Weight encoding runs on one background thread, off the update path. Checkpoint writes get their own thread: an upload to object storage takes seconds
-        # and must not hold back the weight publishing that collectors wait for.
+        # Weight encoding runs on one background thread, off the update path. Checkpoint
+        # writes get their own: an upload to object storage takes seconds and must not hold
+        # back the weight publishing that collectors wait for.
+        self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-io")
         self._checkpoint_io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-ckpt")
         self._weight_change_at = 0.0
         self._weight_change: dict[str, float] = {}

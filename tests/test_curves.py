@@ -14,6 +14,7 @@ from common import storage
 from common.config import load_config
 from deploy.cli import main
 from deploy.curves import WALL_TAG, CurveWriter, read_curves
+from deploy.report import write_report
 from deploy.supervisor import Progress
 from deploy.telemetry import RunTelemetry
 
@@ -39,9 +40,11 @@ def test_events_reach_an_object_store_uri() -> None:
         w = CurveWriter(uri, upload_every_s=0.0)
         w.add({"loss/actor": -2.0}, env_steps=10, wall_seconds=0.1)  # uploaded at once (upload_every_s=0)
         assert storage.open_store(storage.join(uri, "tensorboard")).list(), "uploaded before close"
-        w.add({"loss/actor": -3.0}, env_steps=20, wall_seconds=0.2)
+        w.add({"loss/actor": -3.0, "return/train": 1.0}, env_steps=20, wall_seconds=0.2)
         w.close()
         assert read_curves(uri)["loss/actor"] == [(10, -2.0), (20, -3.0)]
+        assert write_report(uri) == storage.join(uri, "curves.png")
+        assert storage.read_bytes(storage.join(uri, "curves.png")).startswith(PNG_MAGIC)
     finally:
         fsspec.filesystem("memory").rm(uri, recursive=True)
 
