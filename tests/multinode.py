@@ -20,18 +20,35 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+# A small, fast CPU run: collectors placed by a `collector` resource, shards by `replay`.
+SMALL_RUN = [
+    "collector.resources=collector:1",
+    "collector.steps_per_call=50",
+    "collector.start_steps=300",
+    "replay.shard_resources=replay:1",
+    # The replay-ratio limiter (tested on its own) would hold a tiny CPU run to the learner's pace.
+    "replay.samples_per_insert=0",
+    "learner.batch_size=32",
+    "learner.hidden_dim=32",
+    "learner.publish_every=2",
+    "learner.updates_per_call=2",
+    "run.progress_every_s=1",
+]
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -293,6 +310,33 @@ class NetnsCluster:
             ["ip", "netns", "exec", node.netns, *args], text=True, env=self.env(env), **kw
         )
 
+    # ----- convoy runs ---------------------------------------------------------------
+
+    def train(
+        self, node: Node, *overrides: str, env: Mapping[str, str] | None = None
+    ) -> tuple[subprocess.Popen[str], Lines]:
+        """Start ``convoy train`` on ``node`` joined to this cluster with a small, fast CPU
+        config (``SMALL_RUN``) plus ``overrides``; returns the process and its output lines."""
+        proc = self.popen(
+            node,
+            [
+                sys.executable,
+                "-m",
+                "deploy.cli",
+                "train",
+                "--config",
+                "deploy/configs/local.yaml",
+                f"run.ray_address={self.address}",
+                *SMALL_RUN,
+                *overrides,
+            ],
+            env=env,
+            cwd=str(REPO),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        return proc, Lines(proc.stdout, proc)
+
     # ----- teardown -------------------------------------------------------------------
 
     def on_close(self, cleanup: Callable[[], None]) -> None:
@@ -321,3 +365,38 @@ class NetnsCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Lines:
+    """Collects a process's output lines in a thread so a test can wait for one."""
+
+    def __init__(self, stream: object, proc: subprocess.Popen[str] | None = None) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: object) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            self.lines.append(line)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = re.search(pattern, line)
+                if m:
+                    return m
+            if self.proc is not None and self.proc.poll() is not None:
+                time.sleep(0.5)  # the reader thread may still be draining the pipe
+                if not any(re.search(pattern, line) for line in self.lines):
+                    raise AssertionError(
+                        f"the process ended (exit {self.proc.returncode}) before a line matching "
+                        f"{pattern!r}:\n{self.text[-4000:]}"
+                    )
+            time.sleep(0.2)
+        raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n{self.text[-4000:]}")
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)

@@ -26,28 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.multinode import NetnsCluster, Node, unavailable_reason
-from tests.test_multinode import Lines
+from tests.multinode import Lines, NetnsCluster, Node, unavailable_reason
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multinode]
 REPO = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("CONVOY_CHAOS_SEED", "20261121"))
-
-SMALL_RUN = [
-    "--config",
-    "deploy/configs/local.yaml",
-    "collector.resources=collector:1",
-    "collector.steps_per_call=50",
-    "collector.start_steps=300",
-    "replay.shard_resources=replay:1",
-    "learner.resources=learner:1",
-    "replay.samples_per_insert=0",
-    "learner.batch_size=32",
-    "learner.hidden_dim=32",
-    "learner.publish_every=2",
-    "learner.updates_per_call=2",
-    "run.progress_every_s=1",
-]
 
 
 @pytest.fixture(scope="module")
@@ -119,25 +102,14 @@ def test_chaos_run_reaches_its_budget(cluster: NetnsCluster, tmp_path: Path) -> 
     head, w1, w2 = cluster.nodes
     run_dir = tmp_path / "chaos"  # a local path every node shares here; see test_multinode for s3://
     total = 5000
-    proc = cluster.popen(
+    proc, out = cluster.train(
         head,
-        [
-            sys.executable,
-            "-m",
-            "deploy.cli",
-            "train",
-            *SMALL_RUN,
-            f"run.ray_address={cluster.address}",
-            f"run.out_dir={run_dir}",
-            f"run.total_env_steps={total}",
-            "run.checkpoint_every_updates=10",
-            "collector.max_failures=8",
-        ],
-        cwd=str(REPO),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        f"run.out_dir={run_dir}",
+        f"run.total_env_steps={total}",
+        "run.checkpoint_every_updates=10",
+        "collector.max_failures=8",
+        "learner.resources=learner:1",
     )
-    out = Lines(proc.stdout, proc)
     try:
         out.wait_for(r"placement: collector 1 ", timeout=300)
         # 1. a collector process
@@ -215,23 +187,9 @@ def test_scale_collectors_of_a_running_run(cluster: NetnsCluster, tmp_path: Path
     for node in (w1, w2):
         if not node.alive:
             cluster.start_node(node)
-    proc = cluster.popen(
-        head,
-        [
-            sys.executable,
-            "-m",
-            "deploy.cli",
-            "train",
-            *SMALL_RUN,
-            f"run.ray_address={cluster.address}",
-            f"run.out_dir={tmp_path / 'scaled'}",
-            "run.total_env_steps=1000000",
-        ],
-        cwd=str(REPO),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    proc, out = cluster.train(
+        head, f"run.out_dir={tmp_path / 'scaled'}", "run.total_env_steps=1000000", "learner.resources=learner:1"
     )
-    out = Lines(proc.stdout, proc)
 
     def scale(n: int) -> str:
         # From a worker node: any machine that reaches the cluster can steer the run.

@@ -13,8 +13,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -55,76 +53,17 @@ def s3_cluster() -> object:
         cluster.close()
 
 
-class Lines:
-    """Collects a process's output lines in a thread so a test can wait for one."""
-
-    def __init__(self, stream: object, proc: subprocess.Popen[str] | None = None) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream: object) -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            self.lines.append(line)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                m = re.search(pattern, line)
-                if m:
-                    return m
-            if self.proc is not None and self.proc.poll() is not None:
-                time.sleep(0.5)  # the reader thread may still be draining the pipe
-                if not any(re.search(pattern, line) for line in self.lines):
-                    raise AssertionError(
-                        f"the process ended (exit {self.proc.returncode}) before a line matching "
-                        f"{pattern!r}:\n{self.text[-4000:]}"
-                    )
-            time.sleep(0.2)
-        raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n{self.text[-4000:]}")
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
-
-
 def test_run_across_nodes_with_s3_storage(s3_cluster: NetnsCluster, tmp_path: Path) -> None:
     cluster = s3_cluster
     head, worker = cluster.nodes
     run_uri = "s3://convoy-mn/runs/mn1"
-    proc = cluster.popen(
+    proc, out = cluster.train(
         head,
-        [
-            sys.executable,
-            "-m",
-            "deploy.cli",
-            "train",
-            "--config",
-            "deploy/configs/local.yaml",
-            f"run.ray_address={cluster.address}",
-            f"run.out_dir={run_uri}",
-            "run.total_env_steps=2000",
-            "run.checkpoint_every_updates=20",
-            "run.progress_every_s=2",
-            "collector.resources=collector:1",
-            "collector.start_steps=300",
-            "collector.steps_per_call=50",
-            "replay.shard_resources=replay:1",
-            "learner.batch_size=32",
-            "learner.hidden_dim=32",
-            "learner.publish_every=2",
-            "learner.updates_per_call=2",
-            # The replay ratio limiter (tested on its own) would hold a tiny CPU run to the learner's pace.
-            "replay.samples_per_insert=0",
-        ],
+        f"run.out_dir={run_uri}",
+        "run.total_env_steps=2000",
+        "run.checkpoint_every_updates=20",
         env={"CONVOY_REPLAY_PASSWORD": PASSWORD},
-        cwd=str(REPO),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
     )
-    out = Lines(proc.stdout, proc)
     try:
         shard = out.wait_for(r"placement: shard 0 -> node (\S+) \(redis://([\d.]+):(\d+)/0\)", timeout=240)
         assert shard.group(1) == worker.address and shard.group(2) == worker.address
