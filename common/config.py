@@ -18,7 +18,6 @@ from typing import Any, Union
 
 import yaml
 
-
 REDACTED = "***"
 
 
@@ -55,8 +54,11 @@ class RunConfig:
     checkpoint_every_updates: int = _opt(5_000, "Write a checkpoint every this many learner updates.", min=1)
     keep_checkpoints: int = _opt(3, "How many checkpoints stay on disk (oldest removed first).", min=1)
     progress_every_s: float = _opt(2.0, "Seconds between progress lines.", min=0.1)
-    metrics: bool = _opt(True, "Serve Prometheus metrics from every component.")
-    metrics_host: str = _opt("127.0.0.1", "Address the metrics endpoints bind to.")
+    metrics: bool = _opt(
+        True,
+        "Export Prometheus metrics through Ray's metrics agent (and start a local cluster with Ray's dashboard, "
+        "whose service-discovery file `convoy monitor` reads). TensorBoard curves are written either way.",
+    )
     ray_address: str = _opt("", "Ray cluster to join ('auto' on a `ray up` cluster); empty starts a local one.")
     name: str = _opt(
         "",
@@ -64,7 +66,9 @@ class RunConfig:
         "path component of out_dir.",
     )
     max_learner_restarts: int = _opt(
-        3, "Learner deaths the run survives (each restarts it from the newest checkpoint); one more ends the run.", min=0
+        3,
+        "Learner deaths the run survives (each restarts it from the newest checkpoint); one more ends the run.",
+        min=0,
     )
     eval_every_updates: int = _opt(
         5_000,
@@ -175,7 +179,7 @@ class CollectorConfig:
     segment_length: int = _opt(64, "Steps per replay segment; longer amortises the 4 boundary frames.", min=1, max=4096)
     steps_per_call: int = _opt(64, "Env steps per collect() call between weight refreshes.", min=1)
     num_cpus: float = _opt(1.0, "Ray CPUs reserved per collector.", min=0.0)
-    resources: dict[str, float] | None = _opt(
+    resources: dict[str, float] | None = _opt(  # noqa: RUF009 - _opt gives dicts a default_factory
         None,
         "Custom Ray resources each collector requests, e.g. {collector: 1}; null = the backend's default: {} for "
         "embedded, {carla: 1} for carla (a CARLA collector runs only where a server slot is declared).",
@@ -201,7 +205,7 @@ class ReplayConfig:
         "Shard password (requirepass). Empty: none for loopback-only runs; on a multi-node cluster a random one "
         "per run. $CONVOY_REPLAY_PASSWORD is used when this is empty. Never printed or saved (shown as ***).",
     )
-    shard_resources: dict[str, float] = _opt(
+    shard_resources: dict[str, float] = _opt(  # noqa: RUF009 - _opt gives dicts a default_factory
         {}, "Custom Ray resources each convoy-started shard actor requests (multi-node runs), e.g. {replay: 1}."
     )
     redis_server: str = _opt("redis-server", "redis-server executable used to start shards.")
@@ -242,7 +246,9 @@ class LearnerConfig:
         "GPUs the learner actor requests from Ray: auto = 1 when the cluster has a GPU, else 0 (decided from the "
         "cluster's resources, never from the driver's machine).",
     )
-    resources: dict[str, float] = _opt({}, "Custom Ray resources the learner requests, e.g. {learner: 1}.")
+    resources: dict[str, float] = _opt(  # noqa: RUF009 - _opt gives dicts a default_factory
+        {}, "Custom Ray resources the learner requests, e.g. {learner: 1}."
+    )
     encoder: str = _opt(
         "nature",
         "CNN of actor and critic (each its own copy); 'none' is vector-only.",
@@ -370,7 +376,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             try:
                 value = {k.strip(): yaml.safe_load(v) for k, v in (p.split(":", 1) for p in pairs)}
             except ValueError:
-                raise ConfigError(f"{key}={value!r}: expected a mapping like {{collector: 1}} or 'collector:1'") from None
+                raise ConfigError(
+                    f"{key}={value!r}: expected a mapping like {{collector: 1}} or 'collector:1'"
+                ) from None
         if isinstance(value, dict):
             _, val_tp = typing.get_args(tp)
             out = {}
@@ -476,7 +484,7 @@ def _check_cross_field(cfg: ConvoyConfig) -> None:
             f"collector.segment_length={cfg.collector.segment_length})"
         )
     ng = cfg.learner.num_gpus
-    if isinstance(ng, str) and ng != "auto" or not isinstance(ng, str) and ng < 0:
+    if (isinstance(ng, str) and ng != "auto") or (not isinstance(ng, str) and ng < 0):
         raise ConfigError(f"learner.num_gpus={ng!r}: allowed: 'auto' or a number >= 0")
     dev = cfg.learner.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):

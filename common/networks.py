@@ -6,9 +6,10 @@ its twin Q heads, as in DrQ (Yarats et al. 2021), so a critic update steps one C
 
 Encoders (``learner.encoder``):
 
-``nature``          NatureCNN (Mnih et al. 2015): conv 8x8/4 (32), 4x4/2 (64), 3x3/1 (64), fc 512.
+``nature``          NatureCNN (Mnih et al. 2015): conv 8x8/4 (32), 4x4/2 (64), 3x3/1 (64), fc 512,
+                    then LayerNorm and tanh (DrQ-v2's trunk) so features stay in [-1, 1].
 ``nature_maxpool``  the same three convs, each followed by 2x2 max-pooling; strides are
-                    reduced (2, 1, 1) so 84x84 still leaves a 3x3 map, then fc 512.
+                    reduced (2, 1, 1) so 84x84 still leaves a 3x3 map, then fc 512, LayerNorm, tanh.
 ``none``            no image: features are empty and the heads see only the vector (for
                     vector-only tasks such as the Pendulum learning test).
 
@@ -49,7 +50,11 @@ class ConvEncoder(nn.Module):
         self.convs = convs
         with torch.no_grad():
             n_flat = self.convs(torch.zeros(1, in_channels, image_size, image_size)).flatten(1).shape[1]
-        self.fc = nn.Sequential(nn.Linear(n_flat, FEATURE_DIM), nn.ReLU())
+        # LayerNorm + tanh bound the features, as DrQ-v2's trunk (Yarats et al. 2021). With a
+        # plain ReLU here the actor's CNN, trained through dQ/da, grew its features from norm
+        # ~0.4 to ~300 within 50 updates, saturated the policy's tanh and froze it (measured:
+        # tests/test_precision.py::test_actor_features_stay_bounded_while_training).
+        self.fc = nn.Sequential(nn.Linear(n_flat, FEATURE_DIM), nn.LayerNorm(FEATURE_DIM), nn.Tanh())
         self.out_dim: int = FEATURE_DIM
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

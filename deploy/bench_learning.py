@@ -111,11 +111,15 @@ class _Tee(io.TextIOBase):
 
     def __init__(self, log: Any) -> None:
         self.log = log
+        self._line = ""
 
     def write(self, s: str) -> int:
         self.log.write(s)
-        if s.startswith(("[", "eval", "done", "final")):
-            sys.stderr.write("  " + s)
+        self._line += s
+        *lines, self._line = self._line.split("\n")
+        for line in lines:
+            if line.startswith(("[", "eval", "done", "final", "no CUDA")):
+                sys.stderr.write(f"  {line}\n")
         return len(s)
 
     def flush(self) -> None:
@@ -138,6 +142,7 @@ def run(
     from learner.agent import resolve_device
 
     root = Path(out_dir or tempfile.mkdtemp(prefix="convoy-bench-learning-"))
+    root.mkdir(parents=True, exist_ok=True)
     config_path = config or default_config_path()
     base = load_config(config_path, overrides)
     runs: list[dict[str, Any]] = []

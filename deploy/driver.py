@@ -28,8 +28,9 @@ from typing import Any, TextIO
 
 from common import storage
 from common.config import ConfigError, ConvoyConfig
-from common.metrics import MetricsExporter
+from deploy.evaluation import EvalScheduler, format_eval
 from deploy.supervisor import Factories, GiveUp, Progress, Supervisor
+from deploy.telemetry import RunTelemetry
 from replay_service.sampler import ReplaySampler
 from replay_service.shards import check_shard, redact
 from replay_service.writer import ReplayWriter
@@ -210,7 +211,9 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
             # Logical CPUs: on a small machine collectors and learner share cores by design.
             ray.init(
                 num_cpus=max(needed_cpus, os.cpu_count() or 1),
-                include_dashboard=False,
+                # Ray's dashboard head writes the Prometheus service-discovery file that
+                # deploy/monitoring/prometheus.yml (`convoy monitor`) finds this cluster by.
+                include_dashboard=cfg.run.metrics,
                 logging_level=logging.WARNING,
                 object_store_memory=256 * 1024**2,
                 namespace=namespace,
@@ -284,7 +287,21 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
             except CheckpointError:
                 return None
 
-        exporter = MetricsExporter(cfg.run.metrics_host, labels={"component": "driver"}) if cfg.run.metrics else None
+        # Every component's metric dict arrives here: exported once, through Ray's metrics
+        # agent, and written as TensorBoard curves (deploy/telemetry.py).
+        telemetry = RunTelemetry(cfg, name)
+        # Evaluation of checkpoints on an evaluator actor; `best` kept (deploy/evaluation.py).
+        evals = EvalScheduler(cfg, run_uri, start_updates=progress.base_updates)
+
+        def on_tick(p: Progress) -> None:
+            if supervisor.learner_live:
+                evals.maybe_submit(p.updates, p.env_steps, supervisor.learner)
+            record = evals.poll()
+            if record is not None:
+                print(format_eval(record), file=out, flush=True)
+            p.eval_text = evals.short() if evals.enabled else ""
+            telemetry.tick(p, evals.summary())
+
         supervisor = Supervisor(
             cfg,
             Factories(collector=make_collector, learner=make_learner, shard=make_shard if shard_actors else None),
@@ -295,7 +312,7 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
             control=control,
             make_control=functools.partial(make_control, namespace),
             restore_path=newest_checkpoint,
-            on_tick=(lambda p: exporter.update(p.summary())) if exporter else None,
+            on_tick=on_tick,
         )
         supervisor.shard_ports = [int(u.rsplit(":", 1)[1].split("/", 1)[0]) for u in urls] if shard_actors else []
         exit_reason = "budget"
@@ -310,10 +327,11 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
                 print(f"\ngiving up: {exc}; writing a final checkpoint", file=out, flush=True)
             supervisor.finish()
         finally:
-            summary = _finish(cfg, supervisor, progress, exit_reason, out)
+            summary = _finish(cfg, supervisor, progress, exit_reason, out, evals)
+            final_eval = evals.summary()
+            evals.close()
             _close(supervisor, shard_actors, control)
-            if exporter:
-                exporter.close()
+            telemetry.close(progress, final_eval)  # the final counters and curve point
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -322,7 +340,12 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
 
 
 def _finish(
-    cfg: ConvoyConfig, supervisor: Supervisor, progress: Progress, exit_reason: str, out: TextIO
+    cfg: ConvoyConfig,
+    supervisor: Supervisor,
+    progress: Progress,
+    exit_reason: str,
+    out: TextIO,
+    evals: EvalScheduler | None = None,
 ) -> dict[str, Any]:
     """Final checkpoint, summary line and ``summary.json``: written at every end."""
     import ray
@@ -333,6 +356,10 @@ def _finish(
         print(f"final checkpoint: {final}", file=out, flush=True)
     except Exception as exc:  # the learner may be the piece that failed; the summary still gets written
         print(f"final checkpoint: none ({type(exc).__name__}: {exc})", file=out, flush=True)
+    if evals is not None and evals.enabled and final is not None:
+        record = evals.finish(final, progress.updates, progress.env_steps)
+        if record is not None:
+            print(format_eval(record), file=out, flush=True)
     s = progress.summary()
     summary: dict[str, Any] = {
         "run": run_name(cfg),
@@ -351,6 +378,9 @@ def _finish(
         "updates_per_s": round(s["run/updates_per_s"], 3),
         "samples_per_insert": round(s["run/samples_per_insert"], 3),
         "restart_seconds": supervisor.restart_times,
+        **(
+            {"eval": evals.summary(), "best_checkpoint": evals.best_name} if evals is not None and evals.enabled else {}
+        ),
     }
     storage.write_text(storage.join(cfg.run.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     line = (

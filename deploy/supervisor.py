@@ -89,6 +89,8 @@ class Progress:
     collectors_live: int = 0
     collectors_wanted: int = 0
     samples_per_insert_target: float = 0.0
+    warmup_transitions: int = 0  # inserted before the learner may sample: not part of the ratio
+    eval_text: str = ""  # the newest evaluation, from deploy.evaluation.EvalScheduler.short()
     _last_t: float = field(default_factory=time.monotonic)
     _last_steps: int = 0
     _last_updates: int = 0
@@ -149,7 +151,11 @@ class Progress:
             "run/replay_transitions_written_total": written,
             "run/dropped_transitions_total": self._sum("replay_writer/dropped_transitions_total"),
             "run/corrupt_segments_total": self.learner.get("replay_sampler/corrupt_total", 0.0),
-            "run/samples_per_insert": sampled / written if written else 0.0,
+            # Measured replay ratio: sampled per transition inserted after the warm-up, the
+            # quantity the rate limiter holds at samples_per_insert_target.
+            "run/samples_per_insert": sampled / (written - self.warmup_transitions)
+            if written > self.warmup_transitions
+            else 0.0,
             "run/samples_per_insert_target": self.samples_per_insert_target,
             "run/collectors_live": self.collectors_live,
             "run/collectors_wanted": self.collectors_wanted,
@@ -175,7 +181,8 @@ class Progress:
             f"collectors {self.collectors_live}/{self.collectors_wanted} | "
             f"replay {int(s['run/replay_size']):>7d} | episodes {int(s['run/episodes_total']):>5d} | "
             f"last_return {ret:8.2f} | weights v{int(s['run/weights_version'])} "
-            f"acting v{int(s['run/max_acting_version'])}{restarts}"
+            f"acting v{int(s['run/max_acting_version'])} | spi {s['run/samples_per_insert']:.0f}/"
+            f"{self.samples_per_insert_target:.0f}{restarts}" + (f" | {self.eval_text}" if self.eval_text else "")
         )
 
 
@@ -230,6 +237,9 @@ class Supervisor:
         self._next_shard_poll = 0.0
         progress.collectors_wanted = self.wanted
         progress.samples_per_insert_target = cfg.replay.samples_per_insert
+        progress.warmup_transitions = cfg.replay.min_size_to_sample or max(
+            cfg.collector.start_steps, cfg.learner.batch_size
+        )
 
     # ----- printing ---------------------------------------------------------------------
 

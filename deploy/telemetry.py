@@ -71,7 +71,7 @@ class RunTelemetry:
     """
 
     def __init__(self, cfg: ConvoyConfig, run: str, backend: str = "ray", export_every_s: float = 1.0) -> None:
-        self.exporter = MetricsExporter(run, backend=backend, host=cfg.run.metrics_host) if cfg.run.metrics else None
+        self.exporter = MetricsExporter(run, backend=backend) if cfg.run.metrics else None
         self.curves = CurveWriter(cfg.run.out_dir)
         self.export_every_s = export_every_s
         self.curve_every_s = cfg.run.progress_every_s

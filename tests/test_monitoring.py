@@ -4,6 +4,7 @@ monitor`, and a real Prometheus scraping a real `convoy train` through Ray's met
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -249,12 +250,12 @@ def test_real_prometheus_scrapes_a_real_run(tmp_path: Path) -> None:
 
         train = subprocess.Popen(
             [sys.executable, "-m", "deploy.cli", "train", "--config", "deploy/configs/local.yaml",
-             "run.total_env_steps=1500", "collector.num_collectors=2", "collector.start_steps=300",
+             "run.total_env_steps=2000", "collector.num_collectors=2", "collector.start_steps=300",
              "collector.steps_per_call=50", "learner.batch_size=32", "learner.hidden_dim=32",
              "learner.updates_per_call=4", "learner.publish_every=4", "run.progress_every_s=1",
              # A CPU learner here makes ~4 updates/s: a low replay ratio keeps collectors going.
              "replay.samples_per_insert=4",
-             "run.eval_every_updates=40", "run.eval_episodes=1", "env.max_episode_steps=100",
+             "run.eval_every_updates=4", "run.eval_episodes=1", "env.max_episode_steps=100",
              "run.name=montest", f"run.out_dir={run_dir}"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
@@ -285,7 +286,10 @@ def test_real_prometheus_scrapes_a_real_run(tmp_path: Path) -> None:
         assert train.wait(timeout=300) == 0, out.text[-4000:]
         # Evaluated as of the last progress line, while the run was up: once its Ray cluster
         # is gone, Prometheus marks every series stale and instant queries return nothing.
-        last_progress = max(t for t, ln in zip(out.times, out.lines, strict=True) if "] env_steps" in ln)
+        timed = list(zip(out.times, out.lines, strict=True))
+        last_progress = max(t for t, ln in timed if "] env_steps" in ln)
+        first_eval = min((t for t, ln in timed if ln.startswith("eval @")), default=math.inf)
+        assert first_eval + 4 < last_progress, "no evaluation finished while the run was up:\n" + out.text[-3000:]
         at = str(last_progress - 1.0)
         time.sleep(2)  # the scrape after that moment is in
 

@@ -96,3 +96,22 @@ def test_random_shift_moves_obs_and_next_obs_together() -> None:
     sep.next_image = sep.image.clone()
     out2 = augment_batch(sep, "shift", generator=torch.Generator().manual_seed(2))
     assert torch.equal(out2.image, out2.next_image)
+
+
+def test_actor_features_stay_bounded_while_training() -> None:
+    """The actor's CNN is trained through dQ/da; unbounded (ReLU) features grew from norm ~0.4
+    to ~300 within 50 updates, saturated the policy's tanh (pre-activations ~60) and froze it.
+    Bounded features (LayerNorm + tanh) keep the policy responsive."""
+    torch.manual_seed(0)
+    agent = TD3Agent(LearnerConfig(hidden_dim=64, precision="fp32", channels_last=False))
+    g = torch.Generator().manual_seed(0)
+    batches = [agent.prepare(random_batch(32, g)) for _ in range(4)]
+    for b in batches:
+        b.reward = b.reward.abs()
+    for i in range(50):
+        agent.update(batches[i % 4])
+    with torch.no_grad():
+        features = agent.actor.encoder(batches[0].image)
+        pre_tanh = agent.actor.head(torch.cat([features, batches[0].vector], dim=-1))
+    assert features.abs().max() <= 1.0
+    assert pre_tanh.abs().max() < 20.0, f"policy saturating: |pre-tanh| up to {float(pre_tanh.abs().max()):.1f}"

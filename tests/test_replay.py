@@ -410,7 +410,7 @@ def test_password_shard_url_with_password_and_wrong_password() -> None:
             with pytest.raises(ShardAuthError):
                 ReplaySampler([url], 4, password=pw, prefetch=0)
             assert time.monotonic() - start < 3.0, "a wrong password must fail fast, not hang"
-        conf = (shard._dir + "/redis.conf")  # the config file must not leak the password
+        conf = shard._dir + "/redis.conf"  # the config file must not leak the password
         import os
         import stat
 
@@ -427,8 +427,15 @@ def test_metrics_are_flat_namespaced_and_per_shard(redis_url: str) -> None:
         m = s.metrics()
     wm = w.metrics()
     w.close()
-    for key in ("transitions_stored", "bytes_stored", "inserted_transitions_total", "evicted_transitions_total",
-                "corrupt_total", "sampled_transitions_total", "lost_total"):
+    for key in (
+        "transitions_stored",
+        "bytes_stored",
+        "inserted_transitions_total",
+        "evicted_transitions_total",
+        "corrupt_total",
+        "sampled_transitions_total",
+        "lost_total",
+    ):
         assert f"replay_sampler/shard0/{key}" in m
     assert m["replay_sampler/shard0/transitions_stored"] == 5 and m["replay_sampler/shard0/bytes_stored"] > 0
     assert m["replay_sampler/sampled_transitions_total"] == 8

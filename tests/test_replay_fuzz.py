@@ -115,7 +115,7 @@ def test_transition_decoders_raise_only_corrupt_segment_error(
     out_r = np.zeros((2, 2), RECORD_DTYPE)
     good = ZSTD[_UOFF + int(_TABLE[0]) : _UOFF + int(_TABLE[SPAN])]
     ok = decode_batch(
-        np.array([2, codec_id], np.uint8), [good, units], np.stack([_TABLE[:SPAN + 1], offsets]), out_f, out_r
+        np.array([2, codec_id], np.uint8), [good, units], np.stack([_TABLE[: SPAN + 1], offsets]), out_f, out_r
     )
     assert ok[0], "a good item must survive a bad neighbour in the same batch"
     assert np.array_equal(out_f[0], _segment(3).frames[:SPAN])
