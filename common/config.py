@@ -342,6 +342,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; returns the value in its canonical type."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None  # an optional field left unset (e.g. a backend default), not an empty value
+        concrete = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(concrete) == 1:  # X | None: X's own error says what is wrong
+            return _coerce(key, value, concrete[0])
         for arg in typing.get_args(tp):
             try:
                 return _coerce(key, value, arg)

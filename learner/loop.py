@@ -14,7 +14,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -22,13 +22,16 @@ import torch
 from common.config import ConvoyConfig
 from common.metrics import Latency
 from common.protocols import BatchSource
-from common.schema import ACTION_DIM, VECTOR_DIM, WeightsMessage
+from common.schema import ACTION_DIM, VECTOR_DIM, Batch, WeightsMessage
 from common.storage import join
 from common.weights import encode_state_dict, message_to_bytes
 from learner.agent import TD3Agent, resolve_device
 from learner.checkpoint import CheckpointData, load_checkpoint, resolve_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
+
+# How long one train() call waits for a batch before returning with the updates it has done.
+DATA_WAIT_S = 1.0
 
 
 class NonFiniteError(RuntimeError):
@@ -140,9 +143,11 @@ class Learner:
         start = time.perf_counter()
         for _ in range(num_updates):
             t0 = time.perf_counter()
-            raw = next(self.source)
+            raw = self._next_batch()
             t1 = time.perf_counter()
             self.data_wait_seconds_total += t1 - t0
+            if raw is None:
+                break  # rate-limited with no new data: return, so checkpoint/restore calls get through
             self.batch_wait_latency.observe(t1 - t0)
             lag_mean, lag_max, random_fraction = policy_lag(raw.policy_version, self.weights_version)
             lag_sum += lag_mean
@@ -174,6 +179,15 @@ class Learner:
             update_metrics["policy_lag_max"] = lag_peak
             update_metrics["random_action_fraction"] = random_sum / batches
         return self.metrics(update_metrics)
+
+    def _next_batch(self) -> Batch | None:
+        """The next batch; None when a source that can wait with a timeout (the replay sampler)
+        has none within DATA_WAIT_S: its rate limiter holds the learner back while collectors
+        insert nothing, and a train() call must not block the learner actor forever."""
+        next_batch = getattr(self.source, "next_batch", None)
+        if next_batch is None:
+            return next(self.source)
+        return cast("Batch | None", next_batch(DATA_WAIT_S))
 
     def _stop_nonfinite(self) -> None:
         n = self.agent.consecutive_nonfinite

@@ -470,6 +470,23 @@ class ReplaySampler:
     def __iter__(self) -> Iterator[Batch]:
         return self
 
+    def next_batch(self, timeout: float) -> Batch | None:
+        """The next ready batch, or None if none is ready within ``timeout`` seconds (the rate
+        limiter holds the learner back while collectors insert nothing, e.g. at the end of a
+        run), so a caller can return instead of blocking forever."""
+        if not self._threads:
+            return next(self)
+        start = time.perf_counter()
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        finally:
+            self.wait_seconds_total += time.perf_counter() - start
+        if isinstance(item, BaseException):
+            raise SampleError(f"replay sampler failed: {item}") from item
+        return item
+
     def __next__(self) -> Batch:
         if not self._threads:
             if self.size < self.min_size:

@@ -117,3 +117,29 @@ def test_checkpoints_are_written_pruned_and_load_weights_only(tmp_path: Path) ->
 def test_resolve_checkpoint_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=str(tmp_path)):
         resolve_checkpoint(tmp_path)
+
+
+class RateLimitedSource(SyntheticSource):
+    """A source whose rate limiter admits ``admitted`` batches, then none (collectors stopped)."""
+
+    def __init__(self, batch_size: int, admitted: int) -> None:
+        super().__init__(batch_size)
+        self.admitted = admitted
+
+    def next_batch(self, timeout: float) -> Batch | None:
+        if self.admitted == 0:
+            return None
+        self.admitted -= 1
+        return next(self)
+
+
+def test_train_returns_when_the_rate_limiter_holds_back_data(tmp_path: Path) -> None:
+    """At the end of a run collectors stop inserting; a train() call must return (so the final
+    checkpoint call gets through) instead of waiting for a batch that never comes."""
+    cfg = load_config(None, ["learner.batch_size=4", "learner.hidden_dim=8", "collector.start_steps=0"])
+    learner = Learner(cfg, RateLimitedSource(4, admitted=3), tmp_path)
+    learner.train(10)
+    assert learner.updates == 3
+    learner.train(10)
+    assert learner.updates == 3
+    learner.close()
