@@ -22,7 +22,7 @@ setup: $(STAMP)
 	@deploy/scripts/ensure-redis.sh
 
 train: setup
-	$(VENV)/bin/convoy train --config deploy/configs/local.yaml $(ARGS)
+	$(VENV)/bin/convoy train $(ARGS)
 
 test: setup
 	@deploy/scripts/ensure-prometheus.sh

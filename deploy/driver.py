@@ -130,6 +130,8 @@ def _local_resources(cfg: ConvoyConfig) -> dict[str, float]:
             out[k] = out.get(k, 0.0) + v * times
 
     add(collector_resources(cfg), cfg.collector.num_collectors)
+    if cfg.env.backend == "carla" and cfg.run.eval_every_updates:
+        add({"carla": 1.0}, 1)  # the evaluator owns a CARLA server too (deploy/evaluation.py)
     add(dict(cfg.learner.resources), 1)
     if not cfg.replay.shard_urls:
         add(dict(cfg.replay.shard_resources), cfg.replay.num_shards)

@@ -48,6 +48,8 @@ SMALL_RUN = [
     "learner.publish_every=2",
     "learner.updates_per_call=2",
     "run.progress_every_s=1",
+    # Evaluation has its own tests (test_evaluator.py); here it would only lengthen the end of a run.
+    "run.eval_every_updates=0",
 ]
 
 

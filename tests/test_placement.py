@@ -48,6 +48,10 @@ def test_a_local_cluster_declares_what_the_run_config_asks_for() -> None:
         "replay.shard_resources=replay:1",
     )
     assert _local_resources(cfg) == {"collector": 3.0, "learner": 1.0, "replay": 2.0}
+    # With CARLA the evaluator owns a server too: one slot more than collectors.
+    carla = ConvoyConfig().replace("env.backend=carla", "collector.num_collectors=3")
+    assert _local_resources(carla) == {"carla": 4.0}
+    assert _local_resources(carla.replace("run.eval_every_updates=0")) == {"carla": 3.0}
 
 
 def test_password_precedence_and_generation(monkeypatch: pytest.MonkeyPatch) -> None:
