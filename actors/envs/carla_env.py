@@ -39,18 +39,20 @@ from actors.carla.client import CarlaModule, import_carla
 from actors.carla.sensors import EventBuffer, FrameQueue, SensorTimeout
 from actors.carla.server import SimulatorServer
 from actors.envs.driving import (
+    GRAY_WEIGHTS,
     WAYPOINT_SPACING,
     DrivingMetrics,
     RewardWeights,
     Route,
+    action_space,
     driving_vector,
     from_carla_xy_yaw,
+    observation_space,
     reward_terms,
     termination,
     total_reward,
     wrap_angle,
 )
-from actors.envs.embedded import GRAY_WEIGHTS, action_space, observation_space
 from actors.envs.errors import SimulatorCrashed
 from common.config import CarlaConfig, EnvConfig
 from common.schema import ACTION_DIM, FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, Observation, check_action
