@@ -7,7 +7,8 @@ from typing import TextIO
 
 import numpy as np
 
-from actors.envs.embedded import EmbeddedDrivingEnv, lane_following_action
+from actors.envs.driving import lane_following_action
+from actors.envs.embedded import EmbeddedDrivingEnv
 from actors.segments import SegmentBuilder
 from common.config import EnvConfig
 from common.schema import Segment

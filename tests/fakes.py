@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from actors.envs.embedded import action_space, observation_space
+from actors.envs.driving import action_space, observation_space
 from common.schema import Batch, Segment
 
 

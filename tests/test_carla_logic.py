@@ -11,6 +11,9 @@ import pytest
 
 from actors.carla.sensors import EventBuffer, FrameQueue, SensorTimeout
 from actors.envs.driving import (
+    CENTERING_WEIGHT,
+    SPEED_SCALE,
+    WAYPOINT_SCALE,
     DrivingMetrics,
     RewardWeights,
     Route,
@@ -20,7 +23,6 @@ from actors.envs.driving import (
     termination,
     total_reward,
 )
-from actors.envs.embedded import CENTERING_WEIGHT, SPEED_SCALE, WAYPOINT_SCALE
 
 
 def test_carla_left_handed_pose_becomes_right_handed() -> None:

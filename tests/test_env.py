@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from actors.envs import make_env
-from actors.envs.embedded import EmbeddedDrivingEnv, to_ego_frame, wrap_angle
+from actors.envs.driving import to_ego_frame, wrap_angle
+from actors.envs.embedded import EmbeddedDrivingEnv
 from common.config import EnvConfig
 from common.schema import check_observation
 
@@ -141,7 +142,7 @@ def test_make_env_and_gym_registration() -> None:
 
 
 def test_a_lane_following_driver_completes_the_route() -> None:
-    from actors.envs.embedded import lane_following_action
+    from actors.envs.driving import lane_following_action
 
     env = EmbeddedDrivingEnv(EnvConfig(max_episode_steps=400, other_vehicles=0, route_length_m=150.0))
     try:

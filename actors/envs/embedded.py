@@ -34,39 +34,19 @@ import gymnasium as gym
 import numpy as np
 
 from actors.envs.driving import (
-    CENTERING_WEIGHT,
     GRAY_WEIGHTS,
-    SPEED_SCALE,
-    WAYPOINT_SCALE,
     WAYPOINT_SPACING,
     RewardWeights,
     action_space,
     driving_vector,
-    lane_following_action,
     observation_space,
     reward_terms,
     termination,
-    to_ego_frame,
     total_reward,
     wrap_angle,
 )
 from common.config import EnvConfig
 from common.schema import FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, Observation, check_action
-
-# Re-exported for code written against this module before the rules moved to driving.py.
-__all__ = [
-    "CENTERING_WEIGHT",
-    "GRAY_WEIGHTS",
-    "SPEED_SCALE",
-    "WAYPOINT_SCALE",
-    "WAYPOINT_SPACING",
-    "EmbeddedDrivingEnv",
-    "action_space",
-    "lane_following_action",
-    "observation_space",
-    "to_ego_frame",
-    "wrap_angle",
-]
 
 log = logging.getLogger(__name__)
 
