@@ -60,13 +60,25 @@ class Evaluator:
         self.weights_version = msg.version
         return msg.version
 
+    def load_actor_state(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Load an actor state dict (a checkpoint's ``actor`` network) as weights ``version``."""
+        self.policy.load_state_dict(state)
+        self.weights_version = version
+
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():
             image = torch.from_numpy(obs["image"])[None]
             return self.policy(image, torch.from_numpy(obs["vector"])[None])[0].numpy()
 
-    def evaluate(self, message: bytes | None = None) -> dict[str, float]:
-        """Play the fixed episodes; returns a flat dict of ``eval/...`` means over episodes."""
+    def evaluate(
+        self,
+        message: bytes | None = None,
+        on_episode: Callable[[int, float, int, dict[str, Any]], None] | None = None,
+    ) -> dict[str, float]:
+        """Play the fixed episodes; returns a flat dict of ``eval/...`` means over episodes.
+
+        ``on_episode(index, return, steps, final info)`` is called after each episode (progress
+        output for ``convoy evaluate``)."""
         if message is not None:
             self.set_weights(message)
         if self.weights_version < 0:
@@ -84,6 +96,8 @@ class Evaluator:
                 total += float(reward)
                 n += 1
                 done = terminated or truncated
+            if on_episode is not None:
+                on_episode(ep, total, n, info)
             returns.append(total)
             completion.append(float(info.get("route_completion", 0.0)))
             steps.append(n)

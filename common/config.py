@@ -45,6 +45,12 @@ def _opt(default: Any, doc: str, **constraints: Any) -> Any:
 @dataclass(frozen=True)
 class RunConfig:
     total_env_steps: int = _opt(200_000, "Stop after this many env steps summed over collectors.", min=1)
+    max_seconds: float = _opt(
+        0.0,
+        "Also stop after this many wall seconds of supervision (0 = no time limit); the run ends as at its "
+        "env-step budget, with a final checkpoint and evaluation, and exit reason `time`.",
+        min=0.0,
+    )
     out_dir: str = _opt(
         "runs/local",
         "Run storage: a local path or an fsspec URI (file://, s3://, gs://, memory://) for config.yaml, "

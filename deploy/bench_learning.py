@@ -137,6 +137,7 @@ def run(
     eval_episodes: int,
     out_dir: str | None,
     target: float = TARGET_ROUTE_COMPLETION,
+    max_seconds: float = 0.0,
 ) -> dict[str, Any]:
     from deploy.cli import default_config_path
     from learner.agent import resolve_device
@@ -158,11 +159,13 @@ def run(
                     f"collector.num_collectors={n}",
                     f"run.seed={seed}",
                     f"run.total_env_steps={env_steps}",
+                    f"run.max_seconds={max_seconds}",
                     f"run.out_dir={run_dir}",
                 ],
             )
             cfg = cfg.replace(f"run.eval_every_updates={eval_every_updates(cfg, eval_every)}")
-            _say(f"run collectors={n} seed={seed}: {env_steps} env steps, log {run_dir}.log")
+            limit = f" or {max_seconds:g} s" if max_seconds else ""
+            _say(f"run collectors={n} seed={seed}: {env_steps} env steps{limit}, log {run_dir}.log")
             summary, history = run_one(cfg, Path(f"{run_dir}.log"))
             figures = summarize_run(history, target)
             runs.append(
@@ -170,6 +173,7 @@ def run(
                     "collectors": n,
                     "seed": seed,
                     **figures,
+                    "exit_reason": summary.get("exit_reason"),
                     "wall_seconds": summary.get("bench_wall_seconds"),
                     "env_steps_per_s": summary.get("env_steps_per_s"),
                     "updates": summary.get("updates"),
@@ -190,6 +194,7 @@ def run(
         "median_seconds_to_target": _median([r["seconds_to_target"] for r in first]),
         "target_route_completion": target,
         "env_steps": env_steps,
+        "max_seconds": max_seconds,
         "seeds": seeds,
         "eval_every_env_steps": eval_every,
         "eval_episodes": eval_episodes,
@@ -221,6 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="convoy bench learning", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="run config (default: the one `convoy train` picks)")
     p.add_argument("--env-steps", type=int, default=40_000, help="env-step budget of each run")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=0.0,
+        help="also end each run after this many wall seconds (run.max_seconds; 0 = only the env-step budget)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="runs per collector count, seeds 0..K-1")
     p.add_argument("--collectors", type=_collector_counts, default=[2], help="collector counts, e.g. 2,4,8")
     p.add_argument("--eval-every", type=int, default=4_000, help="env steps between evaluations")
@@ -233,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("env_steps", "seeds", "eval_every", "eval_episodes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    if args.max_seconds < 0:
+        p.error(f"--max-seconds={args.max_seconds}: must be >= 0 (0 = no time limit)")
     result = run(
         args.config,
         args.overrides,
@@ -243,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.eval_episodes,
         args.out_dir,
         args.target,
+        args.max_seconds,
     )
     if args.json:
         print(json.dumps(result))

@@ -453,14 +453,20 @@ class Supervisor:
         self.control.set_status.remote(status)
 
     def run(self) -> str:
-        """Supervise until the budget is reached; returns the exit reason ``"budget"``."""
+        """Supervise until the budget is reached; returns the exit reason: ``"budget"`` (env
+        steps) or ``"time"`` (``run.max_seconds`` of wall time since the progress clock started)."""
         total = self.cfg.run.total_env_steps
+        max_seconds = self.cfg.run.max_seconds
         for index in range(self.wanted):
             if index not in self.slots:
                 self.start_collector(index)
         waiting_said = 0.0
         next_print = time.monotonic() + self.cfg.run.progress_every_s
         while self.progress.env_steps < total:
+            if max_seconds and time.monotonic() - self.progress.start >= max_seconds:
+                steps = self.progress.env_steps
+                self.say(f"time budget reached (run.max_seconds={max_seconds:g}) at {steps} env steps")
+                return "time"
             done, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.2)
             for ref in done:
                 self._handle(ref)
