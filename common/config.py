@@ -285,7 +285,8 @@ class LearnerConfig:
     augment: str = _opt(
         "none",
         "Image augmentation of sampled batches: shift = DrQ's random shift by up to 4 pixels (Kostrikov et al. "
-        "2020), the same shift for obs and next obs of a transition.",
+        "2020), the same shift for obs and next obs of a transition. The pixel profiles (local.yaml, carla.yaml) "
+        "turn it on; it does nothing with encoder none.",
         choices=("none", "shift"),
     )
     compile: bool = _opt(False, "torch.compile the networks (CUDA graphs on CUDA via mode reduce-overhead).")

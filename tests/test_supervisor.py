@@ -130,13 +130,13 @@ def test_a_dead_collector_is_replaced_and_gets_the_newest_weights(local_ray: Non
 
 
 def test_the_time_budget_ends_the_run_before_the_env_step_budget(local_ray: None) -> None:
-    sup, _, out = _supervisor("fine", total=10**9, **{"run.max_seconds": 2.0})
+    sup, _, out = _supervisor("fine", total=10**9, **{"run.max_seconds": 8.0})
     started = time.monotonic()
     assert sup.run() == "time"
     sup.finish()
-    assert 1.5 <= time.monotonic() - started < 30
+    assert 7.5 <= time.monotonic() - started < 60
     assert 0 < sup.progress.env_steps < 10**9
-    assert "time budget reached (run.max_seconds=2)" in out.getvalue()
+    assert "time budget reached (run.max_seconds=8)" in out.getvalue()
 
 
 def test_collectors_that_keep_failing_end_the_run_naming_the_cause(local_ray: None) -> None:
