@@ -323,6 +323,11 @@ class ConvoyConfig:
             data["replay"]["shard_urls"] = [redact_url(u) for u in data["replay"]["shard_urls"]]
         return yaml.safe_dump(data, sort_keys=False)
 
+    def min_size_to_sample(self) -> int:
+        """``replay.min_size_to_sample`` resolved: transitions stored before the first batch
+        (the warm-up that writers, the sampler and the measured replay ratio leave out)."""
+        return self.replay.min_size_to_sample or max(self.collector.start_steps, self.learner.batch_size)
+
     def replace(self, *overrides: str) -> ConvoyConfig:
         """A copy with dotted overrides applied and validated."""
         return from_dict(self.to_dict(), overrides)

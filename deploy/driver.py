@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 from common import storage
 from common.config import ConfigError, ConvoyConfig
-from deploy.evaluation import EvalScheduler, format_eval
+from deploy.evaluation import EvalScheduler, evaluator_resources, format_eval
 from deploy.supervisor import Factories, GiveUp, Progress, Supervisor
 from deploy.telemetry import RunTelemetry
 from replay_service.sampler import ReplaySampler
@@ -38,10 +38,6 @@ from replay_service.writer import ReplayWriter
 log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "CONVOY_REPLAY_PASSWORD"
-
-
-def _min_size_to_sample(cfg: ConvoyConfig) -> int:
-    return cfg.replay.min_size_to_sample or max(cfg.collector.start_steps, cfg.learner.batch_size)
 
 
 def sink_factory(cfg: ConvoyConfig, urls: list[str], collector_id: int) -> functools.partial[ReplayWriter]:
@@ -54,7 +50,7 @@ def sink_factory(cfg: ConvoyConfig, urls: list[str], collector_id: int) -> funct
         collector_id,
         samples_per_insert=cfg.replay.samples_per_insert,
         spi_tolerance=cfg.replay.spi_tolerance,
-        min_size_to_sample=_min_size_to_sample(cfg),
+        min_size_to_sample=cfg.min_size_to_sample(),
     )
 
 
@@ -70,7 +66,7 @@ def source_factory(cfg: ConvoyConfig, urls: list[str], pin_memory: bool) -> func
         index_refresh_s=cfg.replay.index_refresh_s,
         seed=cfg.run.seed,
         pin_memory=pin_memory,
-        min_size=_min_size_to_sample(cfg),
+        min_size=cfg.min_size_to_sample(),
         samples_per_insert=cfg.replay.samples_per_insert,
         spi_tolerance=cfg.replay.spi_tolerance,
     )
@@ -130,8 +126,8 @@ def _local_resources(cfg: ConvoyConfig) -> dict[str, float]:
             out[k] = out.get(k, 0.0) + v * times
 
     add(collector_resources(cfg), cfg.collector.num_collectors)
-    if cfg.env.backend == "carla" and cfg.run.eval_every_updates:
-        add({"carla": 1.0}, 1)  # the evaluator owns a CARLA server too (deploy/evaluation.py)
+    if cfg.run.eval_every_updates:
+        add(evaluator_resources(cfg), 1)
     add(dict(cfg.learner.resources), 1)
     if not cfg.replay.shard_urls:
         add(dict(cfg.replay.shard_resources), cfg.replay.num_shards)

@@ -251,12 +251,17 @@ class EvalScheduler:
         log.warning("%s failed (%d so far): %s", what, self.failures_total, exc)
 
 
+def evaluator_resources(cfg: ConvoyConfig) -> dict[str, float]:
+    """Custom Ray resources of the evaluator: on CARLA it owns a server slot, like a collector."""
+    return {"carla": 1.0} if cfg.env.backend == "carla" else {}
+
+
 def default_evaluator(cfg: ConvoyConfig) -> Any:
     """An EvaluatorActor placed like a collector (CARLA: its own server slot, index after
     the collectors'); zero Ray CPUs so it never keeps a collector from being placed."""
     from actors.remote import EvaluatorActor
 
-    resources = {"carla": 1.0} if cfg.env.backend == "carla" else None
+    resources = evaluator_resources(cfg) or None
     return EvaluatorActor.options(num_cpus=0, resources=resources).remote(  # type: ignore[attr-defined]
         cfg.to_dict(), cfg.collector.num_collectors
     )

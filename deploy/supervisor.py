@@ -237,9 +237,7 @@ class Supervisor:
         self._next_shard_poll = 0.0
         progress.collectors_wanted = self.wanted
         progress.samples_per_insert_target = cfg.replay.samples_per_insert
-        progress.warmup_transitions = cfg.replay.min_size_to_sample or max(
-            cfg.collector.start_steps, cfg.learner.batch_size
-        )
+        progress.warmup_transitions = cfg.min_size_to_sample()
 
     # ----- printing ---------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -470,12 +471,17 @@ class ReplaySampler:
     def __iter__(self) -> Iterator[Batch]:
         return self
 
-    def next_batch(self, timeout: float) -> Batch | None:
+    def next_batch(self, timeout: float | None = None) -> Batch | None:
         """The next ready batch, or None if none is ready within ``timeout`` seconds (the rate
         limiter holds the learner back while collectors insert nothing, e.g. at the end of a
-        run), so a caller can return instead of blocking forever."""
+        run), so a caller can return instead of blocking forever; ``None`` waits as long as
+        it takes. Without sampler threads the batch is sampled here and now."""
         if not self._threads:
-            return next(self)
+            if self.size < self.min_size:
+                self.refresh_index()
+            if self.size < self.min_size:
+                raise SampleError(f"replay holds {self.size} transitions, fewer than min_size={self.min_size}")
+            return self.sample_batch()
         start = time.perf_counter()
         try:
             item = self._queue.get(timeout=timeout)
@@ -488,18 +494,8 @@ class ReplaySampler:
         return item
 
     def __next__(self) -> Batch:
-        if not self._threads:
-            if self.size < self.min_size:
-                self.refresh_index()
-            if self.size < self.min_size:
-                raise SampleError(f"replay holds {self.size} transitions, fewer than min_size={self.min_size}")
-            return self.sample_batch()
-        start = time.perf_counter()
-        item = self._queue.get()
-        self.wait_seconds_total += time.perf_counter() - start
-        if isinstance(item, BaseException):
-            raise SampleError(f"replay sampler failed: {item}") from item
-        return item
+        # Without a timeout next_batch returns only once a batch is there.
+        return cast(Batch, self.next_batch())
 
     # ----- reporting ---------------------------------------------------------------------
 

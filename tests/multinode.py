@@ -369,6 +369,22 @@ class NetnsCluster:
         self.close()
 
 
+def stop_run(proc: subprocess.Popen[str], grace_s: float = 0.0) -> None:
+    """End a run a test started if it still runs: with ``grace_s``, SIGINT first and that long
+    for its final checkpoint; then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    if grace_s:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    proc.wait()
+
+
 class Lines:
     """Collects a process's output lines in a thread so a test can wait for one."""
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multinode import Lines, NetnsCluster, Node, unavailable_reason
+from tests.multinode import Lines, NetnsCluster, Node, stop_run, unavailable_reason
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multinode]
 REPO = Path(__file__).resolve().parents[1]
@@ -150,9 +150,7 @@ def test_chaos_run_reaches_its_budget(cluster: NetnsCluster, tmp_path: Path) -> 
         cluster.start_node(gone)
         proc.wait(timeout=900)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_run(proc)
     text = out.text
     assert proc.returncode == 0, text[-6000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -234,13 +232,7 @@ def test_scale_collectors_of_a_running_run(cluster: NetnsCluster, tmp_path: Path
         )
         assert missing.returncode == 1 and "no running run named 'nope'" in missing.stderr
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_run(proc, grace_s=120)
     assert "collector_restarts" in (tmp_path / "scaled" / "summary.json").read_text()
     summary = json.loads((tmp_path / "scaled" / "summary.json").read_text())
     assert summary["exit_reason"] == "interrupted" and summary["collector_restarts"] == 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.multinode import NetnsCluster, unavailable_reason
+from tests.multinode import NetnsCluster, stop_run, unavailable_reason
 from tests.s3server import create_bucket, start_moto_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multinode]
@@ -79,9 +79,7 @@ def test_run_across_nodes_with_s3_storage(s3_cluster: NetnsCluster, tmp_path: Pa
         except subprocess.TimeoutExpired:
             pytest.fail("the run did not finish within 600 s:\n" + out.text[-5000:])
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_run(proc)
     text = out.text
     assert proc.returncode == 0, text[-5000:]
     assert PASSWORD not in text
