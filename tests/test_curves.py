@@ -13,10 +13,10 @@ import pytest
 from common import storage
 from common.config import load_config
 from deploy.cli import main
-from deploy.curves import WALL_TAG, CurveWriter, read_curves
-from deploy.report import write_report
-from deploy.supervisor import Progress
-from deploy.telemetry import RunTelemetry
+from deploy.cli.report import write_report
+from deploy.run.curves import WALL_TAG, CurveWriter, read_curves
+from deploy.run.supervisor import Progress
+from deploy.run.telemetry import RunTelemetry
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -20,7 +20,7 @@ from actors.evaluator import Evaluator
 from common.config import ConvoyConfig, load_config
 from common.networks import Actor
 from common.weights import WeightsError, message_from_bytes, message_to_bytes, pack_weights
-from deploy.evaluation import EvalScheduler, read_history
+from deploy.run.evaluation import EvalScheduler, read_history
 from learner.checkpoint import (
     CheckpointData,
     best_checkpoint,
@@ -231,7 +231,7 @@ def test_finish_evaluates_the_final_checkpoint(ray_local: None, tmp_path: Path) 
 
 def test_real_evaluator_actor_on_a_checkpoint(ray_local: None, tmp_path: Path) -> None:
     """The default evaluator actor (its own process and embedded simulator) scores a checkpoint."""
-    from deploy.evaluation import default_evaluator
+    from deploy.run.evaluation import default_evaluator
 
     cfg = _cfg("run.eval_every_updates=10")
     run = str(tmp_path / "run")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.bench_learning import _median, summarize_run
+from deploy.bench.learning import _median, summarize_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -326,7 +326,7 @@ def test_real_prometheus_scrapes_a_real_run(tmp_path: Path) -> None:
         assert float(restarts[0]["value"][1]) >= 1
 
         # Curves of the same run, and the report.
-        from deploy.curves import read_curves
+        from deploy.run.curves import read_curves
 
         curves = read_curves(run_dir)
         for tag in (

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from common.config import ConfigError, ConvoyConfig, load_config
-from deploy.control import namespace_for
-from deploy.driver import _local_resources, collector_resources, learner_gpus, resolve_secrets, run_name
+from deploy.run.control import namespace_for
+from deploy.run.driver import _local_resources, collector_resources, learner_gpus, resolve_secrets, run_name
 
 
 def test_collector_resources_default_by_backend_and_override() -> None:

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from common.config import ConvoyConfig
-from deploy.supervisor import Factories, GiveUp, Progress, Supervisor
+from deploy.run.supervisor import Factories, GiveUp, Progress, Supervisor
 
 
 @pytest.fixture(scope="module")

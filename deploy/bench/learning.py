@@ -1,9 +1,9 @@
 """``convoy bench learning``: does the policy learn to drive, in how many env steps and seconds?
 
-Each run is a real ``convoy train`` (deploy.driver.train: Ray, collectors on the embedded
+Each run is a real ``convoy train`` (deploy.run.driver.train: Ray, collectors on the embedded
 simulator, a Redis shard, the learner) with a fixed env-step budget and seed, evaluating
 the newest weights every ``--eval-every`` env steps on the fixed evaluation seeds
-(deploy/evaluation.py) and once more at the end of the budget. From each run's
+(deploy/run/evaluation.py) and once more at the end of the budget. From each run's
 ``eval.jsonl`` it reports the env steps and wall seconds at which evaluation route
 completion first reached ``--target`` (0.9), and the final route completion, success rate
 and return; then the medians over seeds. ``--collectors 2,4,8`` repeats every seed for each
@@ -96,8 +96,8 @@ def _median(values: list[float | int | None]) -> float | None:
 
 def run_one(cfg: ConvoyConfig, log_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One training run; (its summary, its evaluation records)."""
-    from deploy.driver import train
-    from deploy.evaluation import read_history
+    from deploy.run.driver import train
+    from deploy.run.evaluation import read_history
 
     with open(log_path, "w") as log:
         start = time.monotonic()

@@ -90,7 +90,7 @@ class Progress:
     collectors_wanted: int = 0
     samples_per_insert_target: float = 0.0
     warmup_transitions: int = 0  # inserted before the learner may sample: not part of the ratio
-    eval_text: str = ""  # the newest evaluation, from deploy.evaluation.EvalScheduler.short()
+    eval_text: str = ""  # the newest evaluation, from deploy.run.evaluation.EvalScheduler.short()
     _last_t: float = field(default_factory=time.monotonic)
     _last_steps: int = 0
     _last_updates: int = 0
@@ -188,7 +188,7 @@ class Progress:
 
 @dataclass
 class Factories:
-    """How the supervisor makes (and remakes) each kind of actor; built by deploy.driver."""
+    """How the supervisor makes (and remakes) each kind of actor; built by deploy.run.driver."""
 
     collector: Callable[[int, int], Any]  # (index, incarnation) -> actor handle
     learner: Callable[[], Any]

@@ -8,7 +8,7 @@ machine: shards advertise their node's address (loopback only on a local single-
 and everything the run writes goes to ``run.out_dir``, a path or an fsspec URI.
 
 The loop itself (one call in flight per actor, replacing what dies) is
-:class:`deploy.supervisor.Supervisor`.
+:class:`deploy.run.supervisor.Supervisor`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any, TextIO
 
 from common import storage
 from common.config import ConfigError, ConvoyConfig
-from deploy.evaluation import EvalScheduler, evaluator_resources, format_eval
-from deploy.supervisor import Factories, GiveUp, Progress, Supervisor
-from deploy.telemetry import RunTelemetry
+from deploy.run.evaluation import EvalScheduler, evaluator_resources, format_eval
+from deploy.run.supervisor import Factories, GiveUp, Progress, Supervisor
+from deploy.run.telemetry import RunTelemetry
 from replay_service.sampler import ReplaySampler
 from replay_service.shards import check_shard, redact
 from replay_service.writer import ReplayWriter
@@ -140,7 +140,7 @@ def make_control(namespace: str, wanted: int) -> Any:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from deploy.control import CONTROL_NAME, RunControl
+    from deploy.run.control import CONTROL_NAME, RunControl
 
     here = ray.get_runtime_context().get_node_id()
     return RunControl.options(  # type: ignore[attr-defined]
@@ -172,7 +172,7 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
     import ray
 
     from actors.remote import CollectorActor
-    from deploy.control import CONTROL_NAME, namespace_for
+    from deploy.run.control import CONTROL_NAME, namespace_for
     from learner.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
     from learner.remote import LearnerActor
     from replay_service.remote import ShardActor
@@ -286,9 +286,9 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
                 return None
 
         # Every component's metric dict arrives here: exported once, through Ray's metrics
-        # agent, and written as TensorBoard curves (deploy/telemetry.py).
+        # agent, and written as TensorBoard curves (deploy/run/telemetry.py).
         telemetry = RunTelemetry(cfg, name)
-        # Evaluation of checkpoints on an evaluator actor; `best` kept (deploy/evaluation.py).
+        # Evaluation of checkpoints on an evaluator actor; `best` kept (deploy/run/evaluation.py).
         evals = EvalScheduler(cfg, run_uri, start_updates=progress.base_updates)
 
         def on_tick(p: Progress) -> None:

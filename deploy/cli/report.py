@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from common import storage
-from deploy.curves import WALL_TAG, read_curves
+from deploy.run.curves import WALL_TAG, read_curves
 
 PANELS: list[tuple[str, list[tuple[str, str]]]] = [
     ("episode return", [("return/train", "training"), ("return/eval", "evaluation")]),

@@ -15,7 +15,7 @@ from typing import Any
 
 from common.config import ConvoyConfig
 from common.metrics import MetricsExporter
-from deploy.curves import CurveWriter
+from deploy.run.curves import CurveWriter
 
 # TensorBoard tag -> flat key of the learner's dict.
 LEARNER_CURVES = {
@@ -124,7 +124,7 @@ class RunTelemetry:
         self.curves.add(scalars, int(steps), elapsed)
 
     def tick(self, progress: Any, evaluation: Mapping[str, float] | None = None, force: bool = False) -> None:
-        """``progress``: deploy.supervisor.Progress (``summary()``, ``collector``, ``learner``,
+        """``progress``: deploy.run.supervisor.Progress (``summary()``, ``collector``, ``learner``,
         ``shards``); ``evaluation``: the latest ``eval/...`` results (EvalScheduler.summary())."""
         now = time.monotonic()
         export_due, curve_due = force or now >= self._next_export, force or now >= self._next_curve

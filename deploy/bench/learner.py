@@ -31,7 +31,7 @@ from common.config import ConvoyConfig, load_config
 from common.networks import Actor, Critic
 from common.schema import Batch, Segment
 from common.sysutil import tune_malloc_for_bulk_buffers
-from deploy.benchdata import record_segments
+from deploy.bench.data import record_segments
 from learner.agent import TD3Agent
 from learner.loop import Learner
 
@@ -190,7 +190,7 @@ def run(
     frames_steps: int = 3000,
     replay_transitions: int = 20_000,
 ) -> dict[str, object]:
-    from deploy.driver import source_factory
+    from deploy.run.driver import source_factory
     from replay_service.shards import ShardSet
     from replay_service.writer import ReplayWriter
 

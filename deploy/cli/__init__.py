@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "train":
-            from deploy.driver import train
+            from deploy.run.driver import train
 
             if args.resume:
                 cfg = (
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if str(summary.get("exit_reason", "")).startswith("gave_up"):
                 return 1
         elif args.command == "scale":
-            from deploy.control import RunNotFound, scale
+            from deploy.run.control import RunNotFound, scale
 
             try:
                 status = scale(args.run, args.collectors, address=args.address, wait_s=args.wait)
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             live = status.get("collectors_live", "?")
             print(f"run {args.run!r}: collectors wanted {args.collectors}, live {live}")
         elif args.command == "evaluate":
-            from deploy.evaluate import evaluate
+            from deploy.cli.evaluate import evaluate
 
             result = evaluate(args.checkpoint, args.episodes, seed=args.seed, name=args.name)
             if args.json:
@@ -179,13 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for k, v in result.items():
                     print(f"{k}: {v}")
         elif args.command == "checkpoints":
-            from deploy.checkpoints_cli import list_command, pull_command
+            from deploy.cli.checkpoints import list_command, pull_command
 
             if args.checkpoints_command == "list":
                 return list_command(args.run, args.json)
             return pull_command(args.run, args.checkpoint, args.to)
         elif args.command == "monitor":
-            from deploy.monitor import MonitorError, monitor
+            from deploy.cli.monitor import MonitorError, monitor
 
             try:
                 return monitor(args.port, args.host, args.data, args.ray_temp_dir, args.scrape_interval)
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"convoy: {exc}", file=sys.stderr)
                 return 1
         elif args.command == "report":
-            from deploy.report import write_report
+            from deploy.cli.report import write_report
 
             try:
                 print(f"wrote {write_report(args.run, args.out)}")
@@ -230,7 +230,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         raise
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
