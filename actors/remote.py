@@ -16,7 +16,7 @@ from common.protocols import SegmentSink
 @ray.remote(max_restarts=0, max_task_retries=0)
 class CollectorActor:
     """A Collector in its own process. Its metric dict goes back to the driver with every
-    ``collect`` result; the driver exports all metrics, once (common/metrics.py).
+    ``collect`` result; the driver exports all metrics, once (deploy/run/exporter.py).
 
     ``sink_factory`` builds the segment sink inside this process (deploy/ passes a replay
     writer factory), so only configuration crosses the process boundary, never data.

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from common.config import load_config
-from common.metrics import LATENCY_BUCKETS, Latency, MetricsExporter, MetricStore, series_name
+from common.metrics import LATENCY_BUCKETS, Latency
+from deploy.run.exporter import MetricsExporter, MetricStore, series_name
 
 _RAY_LABELS = re.compile(r'(Component|NodeAddress|SessionName|Version|WorkerId)="[^"]*",?')
 

@@ -3,7 +3,7 @@ run's learning curves to TensorBoard.
 
 The driver already receives every component's flat metric dict (a collector's with each
 ``collect`` result, the learner's with each ``train`` result, a shard's when polled), so it
-exports them all, once, with the entity as a label (common/metrics.py has the rules).
+exports them all, once, with the entity as a label (deploy/run/exporter.py has the rules).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from common.config import ConvoyConfig
-from common.metrics import MetricsExporter
 from deploy.run.curves import CurveWriter
+from deploy.run.exporter import MetricsExporter
 
 # TensorBoard tag -> flat key of the learner's dict.
 LEARNER_CURVES = {
