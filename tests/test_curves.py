@@ -15,7 +15,7 @@ from common.config import load_config
 from deploy.cli import main
 from deploy.cli.report import write_report
 from deploy.run.curves import WALL_TAG, CurveWriter, read_curves
-from deploy.run.supervisor import Progress
+from deploy.run.progress import Progress
 from deploy.run.telemetry import RunTelemetry
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

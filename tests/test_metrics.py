@@ -123,7 +123,7 @@ def test_every_component_output_passes_promtool(redis_url: str, tmp_path: Path) 
     """Real dicts from a collector (with its replay writer), the learner (with its sampler) and
     the driver's summary, exported the way the driver does, checked by promtool."""
     from actors.collector import Collector
-    from deploy.run.supervisor import Progress
+    from deploy.run.progress import Progress
     from deploy.run.telemetry import RunTelemetry
     from learner.loop import Learner
     from replay_service.sampler import ReplaySampler

@@ -13,7 +13,8 @@ import pytest
 import ray
 
 from common.config import ConvoyConfig
-from deploy.run.supervisor import Factories, GiveUp, Progress, Supervisor
+from deploy.run.progress import Progress
+from deploy.run.supervisor import Factories, GiveUp, Supervisor
 
 
 @pytest.fixture(scope="module")

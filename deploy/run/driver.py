@@ -29,7 +29,8 @@ from typing import Any, TextIO
 from common import storage
 from common.config import ConfigError, ConvoyConfig
 from deploy.run.evaluation import EvalScheduler, evaluator_resources, format_eval
-from deploy.run.supervisor import Factories, GiveUp, Progress, Supervisor
+from deploy.run.progress import Progress
+from deploy.run.supervisor import Factories, GiveUp, Supervisor
 from deploy.run.telemetry import RunTelemetry
 from replay_service.sampler import ReplaySampler
 from replay_service.shards import check_shard, redact
@@ -375,7 +376,7 @@ def _finish(
         "env_steps_per_s": round(s["run/env_steps_per_s"], 2),
         "updates_per_s": round(s["run/updates_per_s"], 3),
         "samples_per_insert": round(s["run/samples_per_insert"], 3),
-        "restart_seconds": supervisor.restart_times,
+        "restart_seconds": supervisor.restarts.records,
         **(
             {"eval": evals.summary(), "best_checkpoint": evals.best_name} if evals is not None and evals.enabled else {}
         ),
