@@ -7,7 +7,8 @@ import yaml
 
 from common.config import ConfigError, ConvoyConfig, load_config
 from deploy.run.control import namespace_for
-from deploy.run.driver import _local_resources, collector_resources, learner_gpus, resolve_secrets, run_name
+from deploy.run.placement import collector_resources, learner_gpus, local_resources
+from deploy.run.resolve import resolve_secrets, run_name
 
 
 def test_collector_resources_default_by_backend_and_override() -> None:
@@ -47,11 +48,11 @@ def test_a_local_cluster_declares_what_the_run_config_asks_for() -> None:
         "replay.num_shards=2",
         "replay.shard_resources=replay:1",
     )
-    assert _local_resources(cfg) == {"collector": 3.0, "learner": 1.0, "replay": 2.0}
+    assert local_resources(cfg) == {"collector": 3.0, "learner": 1.0, "replay": 2.0}
     # With CARLA the evaluator owns a server too: one slot more than collectors.
     carla = ConvoyConfig().replace("env.backend=carla", "collector.num_collectors=3")
-    assert _local_resources(carla) == {"carla": 4.0}
-    assert _local_resources(carla.replace("run.eval_every_updates=0")) == {"carla": 3.0}
+    assert local_resources(carla) == {"carla": 4.0}
+    assert local_resources(carla.replace("run.eval_every_updates=0")) == {"carla": 3.0}
 
 
 def test_password_precedence_and_generation(monkeypatch: pytest.MonkeyPatch) -> None:
