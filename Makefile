@@ -7,7 +7,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 export SDL_VIDEODRIVER := offscreen
 
-.PHONY: setup train test lint typecheck bench clean
+.PHONY: setup train test lint typecheck docs config-keys bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "convoy needs Python >= 3.11 (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
@@ -35,5 +35,13 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
+# The documentation site (docs/, mkdocs.yml) into site/; tests/test_docs.py builds it --strict.
+docs: setup
+	$(PY) -m mkdocs build --strict
+
+# Regenerate docs/reference/config.md's key table after a config key changes.
+config-keys: setup
+	PYTHON=$(PY) deploy/scripts/update-config-keys.sh
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) runs site .pytest_cache .mypy_cache .ruff_cache *.egg-info
