@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from actors.envs.errors import RecoverableEnv, SimulatorCrashed, SimulatorUnavailable
+from actors.carla.errors import RecoverableEnv, SimulatorCrashed, SimulatorUnavailable
 from actors.segments import SegmentBuilder
 from common.config import ConvoyConfig
 from common.metrics import Latency

@@ -36,8 +36,9 @@ import gymnasium as gym
 import numpy as np
 
 from actors.carla.client import CarlaModule, import_carla
+from actors.carla.errors import SimulatorCrashed
 from actors.carla.sensors import EventBuffer, FrameQueue, SensorTimeout
-from actors.carla.server import SimulatorServer
+from actors.carla.server_api import SimulatorServer
 from actors.envs.driving import (
     GRAY_WEIGHTS,
     WAYPOINT_SPACING,
@@ -53,7 +54,6 @@ from actors.envs.driving import (
     total_reward,
     wrap_angle,
 )
-from actors.envs.errors import SimulatorCrashed
 from common.config import CarlaConfig, EnvConfig
 from common.schema import ACTION_DIM, FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, Observation, check_action
 
