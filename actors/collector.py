@@ -16,7 +16,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from actors.envs.errors import RecoverableEnv, SimulatorCrashed, SimulatorUnavailable
+from actors.carla.errors import RecoverableEnv, SimulatorCrashed, SimulatorUnavailable
+from actors.envs.driving import DRIVING_PREFIX
 from actors.segments import SegmentBuilder
 from common.config import ConvoyConfig
 from common.metrics import Latency
@@ -30,6 +31,17 @@ log = logging.getLogger(__name__)
 # Crashes in a row (no successful step between) before the collector gives up and lets Ray
 # restart it; a server manager usually gives up first (carla.max_restarts).
 MAX_CONSECUTIVE_CRASHES = 10
+
+# Metric keys of Collector.metrics() that other components read (the run supervisor's
+# progress and replacement checks, the training curves).
+COLLECTOR_ENV_STEPS_TOTAL = "collector/env_steps_total"
+COLLECTOR_EPISODES_TOTAL = "collector/episodes_total"
+COLLECTOR_WEIGHTS_VERSION = "collector/weights_version"
+COLLECTOR_LAST_ACTING_VERSION = "collector/last_acting_version"
+COLLECTOR_LAST_EPISODE_RETURN = "collector/last_episode_return"
+COLLECTOR_MEAN_RETURN = "collector/mean_return"
+COLLECTOR_ROUTE_COMPLETION = "collector/route_completion"
+COLLECTOR_SUCCESS_RATE = "collector/success_rate"
 
 
 def collector_noise_std(cfg: ConvoyConfig, collector_id: int) -> float:
@@ -171,7 +183,6 @@ class Collector:
 
     def collect(self, num_steps: int) -> dict[str, float]:
         """Run ``num_steps`` env steps; returns this collector's flat metric dict."""
-        start = time.perf_counter()
         for _ in range(num_steps):
             version = 0 if self.acting_randomly else self.weights_version
             action = self.act(self._obs)
@@ -209,7 +220,6 @@ class Collector:
                 self._obs = self._reset()
             else:
                 self._obs = next_obs
-        self._last_call_seconds = time.perf_counter() - start
         return self.metrics()
 
     def _finish_episode(self, info: dict[str, Any]) -> None:
@@ -219,7 +229,7 @@ class Collector:
         self.recent_completion.append(float(info.get("route_completion", 0.0)))
         self.recent_success.append(1.0 if info.get("termination_reason") == "route_completed" else 0.0)
         for key, value in info.items():
-            if key.startswith("driving/"):
+            if key.startswith(DRIVING_PREFIX):
                 self.recent_driving.setdefault(key, deque(maxlen=20)).append(float(value))
 
     def metrics(self) -> dict[str, float]:
@@ -228,17 +238,17 @@ class Collector:
 
         env_metrics = getattr(self.env, "metrics", None)
         return {
-            "collector/env_steps_total": self.env_steps_total,
+            COLLECTOR_ENV_STEPS_TOTAL: self.env_steps_total,
             "collector/policy_steps_total": self.policy_steps_total,
-            "collector/episodes_total": self.episodes_total,
+            COLLECTOR_EPISODES_TOTAL: self.episodes_total,
             "collector/bad_observations_total": self.bad_observations_total,
             "collector/dropped_steps_total": self.dropped_steps_total,
-            "collector/weights_version": self.weights_version,
-            "collector/last_acting_version": self.last_acting_version,
-            "collector/last_episode_return": self.last_episode_return,
-            "collector/mean_return": mean(self.recent_returns),
-            "collector/route_completion": mean(self.recent_completion),
-            "collector/success_rate": mean(self.recent_success),
+            COLLECTOR_WEIGHTS_VERSION: self.weights_version,
+            COLLECTOR_LAST_ACTING_VERSION: self.last_acting_version,
+            COLLECTOR_LAST_EPISODE_RETURN: self.last_episode_return,
+            COLLECTOR_MEAN_RETURN: mean(self.recent_returns),
+            COLLECTOR_ROUTE_COMPLETION: mean(self.recent_completion),
+            COLLECTOR_SUCCESS_RATE: mean(self.recent_success),
             "collector/noise_std": self.noise_std,
             "collector/simulator_restarts_total": self.simulator_restarts_total,
             **self.env_step_latency.metrics(),

@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from actors.envs.driving import DRIVING_PREFIX
 from common.config import ConvoyConfig
 from common.networks import Actor
 from common.schema import check_observation
@@ -30,6 +31,19 @@ log = logging.getLogger(__name__)
 # Episode endings counted as rates over the evaluation's episodes (infractions of the
 # embedded env; CARLA's leaderboard-style "driving/*" metrics are averaged as well).
 ENDINGS = ("route_completed", "collision", "off_road", "time_limit")
+
+# Metric keys of Evaluator.evaluate() that other components read (the eval scheduler's
+# choice of the best checkpoint, the training curves, `convoy evaluate`, the learning bench).
+EVAL_PREFIX = "eval/"
+EVAL_RETURN = "eval/return"
+EVAL_RETURN_MIN = "eval/return_min"
+EVAL_ROUTE_COMPLETION = "eval/route_completion"
+EVAL_SUCCESS_RATE = "eval/success_rate"
+EVAL_COLLISION_RATE = "eval/collision_rate"
+EVAL_OFF_ROAD_RATE = "eval/off_road_rate"
+EVAL_EPISODE_STEPS = "eval/episode_steps"
+EVAL_WEIGHTS_VERSION = "eval/weights_version"
+EVAL_DRIVING_PREFIX = EVAL_PREFIX + DRIVING_PREFIX  # the env's "driving/*" episode metrics, averaged
 
 
 class Evaluator:
@@ -105,29 +119,29 @@ class Evaluator:
             if reason in endings:
                 endings[reason] += 1
             for key, value in info.items():
-                if key.startswith("driving/"):
+                if key.startswith(DRIVING_PREFIX):
                     driving.setdefault(key, []).append(float(value))
         self.evaluations_total += 1
         out = {
-            "eval/return": float(np.mean(returns)),
-            "eval/return_min": float(np.min(returns)),
-            "eval/route_completion": float(np.mean(completion)),
-            "eval/success_rate": endings["route_completed"] / self.episodes,
-            "eval/collision_rate": endings["collision"] / self.episodes,
-            "eval/off_road_rate": endings["off_road"] / self.episodes,
+            EVAL_RETURN: float(np.mean(returns)),
+            EVAL_RETURN_MIN: float(np.min(returns)),
+            EVAL_ROUTE_COMPLETION: float(np.mean(completion)),
+            EVAL_SUCCESS_RATE: endings["route_completed"] / self.episodes,
+            EVAL_COLLISION_RATE: endings["collision"] / self.episodes,
+            EVAL_OFF_ROAD_RATE: endings["off_road"] / self.episodes,
             "eval/time_limit_rate": endings["time_limit"] / self.episodes,
-            "eval/episode_steps": float(np.mean(steps)),
+            EVAL_EPISODE_STEPS: float(np.mean(steps)),
             "eval/episodes": float(self.episodes),
-            "eval/weights_version": float(self.weights_version),
+            EVAL_WEIGHTS_VERSION: float(self.weights_version),
             "eval/seconds": time.perf_counter() - start,
-            **{f"eval/{key}": float(np.mean(values)) for key, values in driving.items()},
+            **{f"{EVAL_PREFIX}{key}": float(np.mean(values)) for key, values in driving.items()},
         }
         log.info(
             "evaluation of weights v%d: route completion %.3f, success %.2f, return %.2f",
             self.weights_version,
-            out["eval/route_completion"],
-            out["eval/success_rate"],
-            out["eval/return"],
+            out[EVAL_ROUTE_COMPLETION],
+            out[EVAL_SUCCESS_RATE],
+            out[EVAL_RETURN],
         )
         return out
 

@@ -1,4 +1,6 @@
-"""Cutting a collector's stream of steps into replay segments (DESIGN.md step 3)."""
+"""Cutting a collector's stream of steps into replay segments: consecutive steps of one
+episode, each frame stored once (plus the frames that rebuild the first stack and the last
+next stack), with vectors, actions, rewards, flags and the policy version that acted."""
 
 from __future__ import annotations
 

@@ -4,19 +4,41 @@ Configs are loaded from YAML (``deploy/configs/*.yaml``) and patched with dotted
 (``learner.batch_size=128``). Every field is validated on load from its type and the
 constraints in its metadata (``choices``, ``min``, ``max``), so a bad value fails at start
 with a :class:`ConfigError` that names the key, the value and what is allowed.
+
+This module is the schema (every key with its default, doc and constraints, which is why it
+runs to about 400 lines), the checks across sections, and loading; turning raw values into
+typed fields is the engine in common/coerce.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
+
+from common import coerce
+from common.coerce import ConfigError, opt
+
+__all__ = [
+    "REDACTED",
+    "CarlaConfig",
+    "CollectorConfig",
+    "ConfigError",
+    "ConvoyConfig",
+    "EnvConfig",
+    "LearnerConfig",
+    "ReplayConfig",
+    "RunConfig",
+    "describe_keys",
+    "from_dict",
+    "load_config",
+    "parse_override",
+    "redact_url",
+]
 
 REDACTED = "***"
 
@@ -31,70 +53,59 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{user}:{REDACTED}@{host}"
 
 
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key, the value and what is allowed."""
-
-
-def _opt(default: Any, doc: str, **constraints: Any) -> Any:
-    """A dataclass field with a docstring and validation constraints in its metadata."""
-    if isinstance(default, dict):  # mutable defaults need a factory
-        return field(default_factory=lambda: dict(default), metadata={"doc": doc, **constraints})
-    return field(default=default, metadata={"doc": doc, **constraints})
-
-
 @dataclass(frozen=True)
 class RunConfig:
-    total_env_steps: int = _opt(200_000, "Stop after this many env steps summed over collectors.", min=1)
-    max_seconds: float = _opt(
+    total_env_steps: int = opt(200_000, "Stop after this many env steps summed over collectors.", min=1)
+    max_seconds: float = opt(
         0.0,
         "Also stop after this many wall seconds of supervision (0 = no time limit); the run ends as at its "
         "env-step budget, with a final checkpoint and evaluation, and exit reason `time`.",
         min=0.0,
     )
-    out_dir: str = _opt(
+    out_dir: str = opt(
         "runs/local",
         "Run storage: a local path or an fsspec URI (file://, s3://, gs://, memory://) for config.yaml, "
         "checkpoints/, summary.json and curves; every node writes there directly.",
     )
-    seed: int = _opt(0, "Base seed; collector i uses seed + 1000 * (i + 1).", min=0)
-    checkpoint_every_updates: int = _opt(5_000, "Write a checkpoint every this many learner updates.", min=1)
-    keep_checkpoints: int = _opt(3, "How many checkpoints stay on disk (oldest removed first).", min=1)
-    progress_every_s: float = _opt(2.0, "Seconds between progress lines.", min=0.1)
-    metrics: bool = _opt(
+    seed: int = opt(0, "Base seed; collector i uses seed + 1000 * (i + 1).", min=0)
+    checkpoint_every_updates: int = opt(5_000, "Write a checkpoint every this many learner updates.", min=1)
+    keep_checkpoints: int = opt(3, "How many checkpoints stay on disk (oldest removed first).", min=1)
+    progress_every_s: float = opt(2.0, "Seconds between progress lines.", min=0.1)
+    metrics: bool = opt(
         True,
         "Export Prometheus metrics through Ray's metrics agent (and start a local cluster with Ray's dashboard, "
         "whose service-discovery file `convoy monitor` reads). TensorBoard curves are written either way.",
     )
-    ray_address: str = _opt("", "Ray cluster to join ('auto' on a `ray up` cluster); empty starts a local one.")
-    name: str = _opt(
+    ray_address: str = opt("", "Ray cluster to join ('auto' on a `ray up` cluster); empty starts a local one.")
+    name: str = opt(
         "",
         "Run name: the Ray namespace `convoy scale` finds the run in, and the `run` metric label; empty = the last "
         "path component of out_dir.",
     )
-    max_learner_restarts: int = _opt(
+    max_learner_restarts: int = opt(
         3,
         "Learner deaths the run survives (each restarts it from the newest checkpoint); one more ends the run.",
         min=0,
     )
-    eval_every_updates: int = _opt(
+    eval_every_updates: int = opt(
         5_000,
         "Evaluate a checkpoint of the newest weights (deterministic policy, fixed seeds, its own actor) every this "
         "many learner updates; the best by route completion, then return, is kept as checkpoint 'best'. 0 = never.",
         min=0,
     )
-    eval_episodes: int = _opt(10, "Episodes per evaluation (seeds eval_seed, eval_seed + 1, ...).", min=1)
-    eval_seed: int = _opt(1_000_003, "Seed of the first evaluation episode; the same seeds every evaluation.", min=0)
+    eval_episodes: int = opt(10, "Episodes per evaluation (seeds eval_seed, eval_seed + 1, ...).", min=1)
+    eval_seed: int = opt(1_000_003, "Seed of the first evaluation episode; the same seeds every evaluation.", min=0)
 
 
 @dataclass(frozen=True)
 class EnvConfig:
-    backend: str = _opt("embedded", "Simulator behind the collectors.", choices=("embedded", "carla"))
-    max_episode_steps: int = _opt(400, "Time limit per episode (ends with truncated=True).", min=1)
-    route_length_m: float = _opt(300.0, "Route length; driving it ends the episode as route_completed.", min=1.0)
-    target_speed: float = _opt(10.0, "Speed (m/s) the speed term of the reward is centred on.", min=0.1)
-    other_vehicles: int = _opt(1, "Other vehicles on the embedded track.", min=0, max=10)
-    off_road_m: float = _opt(4.0, "Lateral distance from the lane centre that counts as leaving the road.", min=0.5)
-    collision_penalty: float = _opt(5.0, "Reward subtracted on collision or leaving the road.", min=0.0)
+    backend: str = opt("embedded", "Simulator behind the collectors.", choices=("embedded", "carla"))
+    max_episode_steps: int = opt(400, "Time limit per episode (ends with truncated=True).", min=1)
+    route_length_m: float = opt(300.0, "Route length; driving it ends the episode as route_completed.", min=1.0)
+    target_speed: float = opt(10.0, "Speed (m/s) the speed term of the reward is centred on.", min=0.1)
+    other_vehicles: int = opt(1, "Other vehicles on the embedded track.", min=0, max=10)
+    off_road_m: float = opt(4.0, "Lateral distance from the lane centre that counts as leaving the road.", min=0.5)
+    collision_penalty: float = opt(5.0, "Reward subtracted on collision or leaving the road.", min=0.0)
 
 
 @dataclass(frozen=True)
@@ -107,65 +118,65 @@ class CarlaConfig:
     (actors/envs/driving.py); env.collision_penalty is the collision / off-road penalty.
     """
 
-    host: str = _opt("", "Attach to a running CARLA server at this host instead of launching one.")
-    port: int = _opt(
+    host: str = opt("", "Attach to a running CARLA server at this host instead of launching one.")
+    port: int = opt(
         2000,
         "RPC port of an attached server; collector i attaches to port + 4 * i (a synchronous server takes "
         "ticks from one client only). Launched servers lease free ports from port_base instead.",
         min=1,
         max=65535,
     )
-    root: str = _opt("", "CARLA install dir with CarlaUE4.sh / CarlaUnreal.sh; empty reads $CARLA_ROOT.")
-    town: str = _opt("Town01", "Map to load.")
-    fixed_delta_seconds: float = _opt(0.05, "Synchronous-mode tick length (s).", min=0.001, max=1.0)
-    scenario: int = _opt(0, "NPC traffic preset: 0 none, 1 light, 2 dense.", choices=(0, 1, 2))
-    timeout_s: float = _opt(20.0, "RPC and tick timeout; a tick slower than this counts as a hung server.", min=0.1)
-    recycle_episodes: int = _opt(
+    root: str = opt("", "CARLA install dir with CarlaUE4.sh / CarlaUnreal.sh; empty reads $CARLA_ROOT.")
+    town: str = opt("Town01", "Map to load.")
+    fixed_delta_seconds: float = opt(0.05, "Synchronous-mode tick length (s).", min=0.001, max=1.0)
+    scenario: int = opt(0, "NPC traffic preset: 0 none, 1 light, 2 dense.", choices=(0, 1, 2))
+    timeout_s: float = opt(20.0, "RPC and tick timeout; a tick slower than this counts as a hung server.", min=0.1)
+    recycle_episodes: int = opt(
         200, "Restart the server every this many episodes (CARLA leaks memory over resets); 0 never.", min=0
     )
-    npc_vehicles_light: int = _opt(20, "NPC vehicles (traffic-manager autopilot) in scenario 1.", min=0, max=500)
-    npc_vehicles_dense: int = _opt(80, "NPC vehicles (traffic-manager autopilot) in scenario 2.", min=0, max=500)
-    ego_blueprint: str = _opt("vehicle.tesla.model3", "Blueprint id of the ego vehicle.")
-    camera_fov: float = _opt(90.0, "Horizontal field of view of the front camera (deg).", min=10.0, max=170.0)
-    reward_progress: float = _opt(
+    npc_vehicles_light: int = opt(20, "NPC vehicles (traffic-manager autopilot) in scenario 1.", min=0, max=500)
+    npc_vehicles_dense: int = opt(80, "NPC vehicles (traffic-manager autopilot) in scenario 2.", min=0, max=500)
+    ego_blueprint: str = opt("vehicle.tesla.model3", "Blueprint id of the ego vehicle.")
+    camera_fov: float = opt(90.0, "Horizontal field of view of the front camera (deg).", min=10.0, max=170.0)
+    reward_progress: float = opt(
         1.0, "Weight of progress along the route (per step, capped at target_speed * dt).", min=0.0
     )
-    reward_centering: float = _opt(
+    reward_centering: float = opt(
         0.2, "Weight of the lane-centring penalty (lateral offset in half-lane units, squared).", min=0.0
     )
-    reward_speed: float = _opt(
+    reward_speed: float = opt(
         0.0, "Weight of the speed term (1 at env.target_speed, 0 at standstill or twice the target).", min=0.0
     )
-    reward_comfort: float = _opt(
+    reward_comfort: float = opt(
         0.0, "Weight of the comfort penalty (mean absolute change of steering and throttle).", min=0.0
     )
-    port_base: int = _opt(
+    port_base: int = opt(
         2000,
         "First RPC port a launched server may lease; blocks of 4 ports (RPC, streaming, secondary, traffic manager).",
         min=1024,
         max=65000,
     )
-    max_servers: int = _opt(64, "Port blocks per node (servers one node may run at once).", min=1, max=4096)
-    lock_dir: str = _opt(
+    max_servers: int = opt(64, "Port blocks per node (servers one node may run at once).", min=1, max=4096)
+    lock_dir: str = opt(
         "", "Directory of the port-lease lock files shared by all collectors of a node; empty: <tmp>/convoy-carla."
     )
-    gpus: tuple[int, ...] = _opt(
+    gpus: tuple[int, ...] = opt(
         (), "GPU indices servers may render on (server in port block k uses gpus[k % len]); empty: all detected."
     )
-    quality_level: str = _opt("Low", "Server graphics quality (-quality-level).", choices=("Low", "Epic"))
-    render_offscreen: bool = _opt(True, "Launch with -RenderOffScreen (no window; cameras still render).")
-    extra_args: tuple[str, ...] = _opt((), "Extra command-line arguments for launched servers.")
-    start_timeout_s: float = _opt(
+    quality_level: str = opt("Low", "Server graphics quality (-quality-level).", choices=("Low", "Epic"))
+    render_offscreen: bool = opt(True, "Launch with -RenderOffScreen (no window; cameras still render).")
+    extra_args: tuple[str, ...] = opt((), "Extra command-line arguments for launched servers.")
+    start_timeout_s: float = opt(
         180.0, "How long a launched server may take to answer before the launch counts as failed.", min=1.0
     )
-    restart_backoff_s: float = _opt(
+    restart_backoff_s: float = opt(
         2.0, "Wait before the first restart after a crash; doubles per consecutive crash.", min=0.0
     )
-    restart_backoff_max_s: float = _opt(60.0, "Cap of the restart wait.", min=0.0)
-    max_restarts: int = _opt(
+    restart_backoff_max_s: float = opt(60.0, "Cap of the restart wait.", min=0.0)
+    max_restarts: int = opt(
         5, "Consecutive crashes (without a finished episode between) before the collector gives up.", min=0
     )
-    stand_in: bool = _opt(
+    stand_in: bool = opt(
         False,
         "Drive convoy's in-process CARLA stand-in (a ring road with kinematic cars, actors/carla/fake.py) instead of "
         "a server: tests and dry runs of a CARLA config on machines without CARLA. Never for training.",
@@ -174,123 +185,123 @@ class CarlaConfig:
 
 @dataclass(frozen=True)
 class CollectorConfig:
-    num_collectors: int = _opt(2, "Collector actors, each owning one simulator.", min=1, max=512)
-    start_steps: int = _opt(
+    num_collectors: int = opt(2, "Collector actors, each owning one simulator.", min=1, max=512)
+    start_steps: int = opt(
         5_000, "Uniform random actions (and no learner updates) until the run has this many transitions.", min=0
     )
-    noise_std: float = _opt(0.1, "Gaussian exploration noise of collector 0.", min=0.0)
-    noise_std_max: float = _opt(
+    noise_std: float = opt(0.1, "Gaussian exploration noise of collector 0.", min=0.0)
+    noise_std_max: float = opt(
         0.3, "Noise of the last collector; others are spread linearly between (Ape-X style).", min=0.0
     )
-    segment_length: int = _opt(64, "Steps per replay segment; longer amortises the 4 boundary frames.", min=1, max=4096)
-    steps_per_call: int = _opt(64, "Env steps per collect() call between weight refreshes.", min=1)
-    num_cpus: float = _opt(1.0, "Ray CPUs reserved per collector.", min=0.0)
-    resources: dict[str, float] | None = _opt(  # noqa: RUF009 - _opt gives dicts a default_factory
+    segment_length: int = opt(64, "Steps per replay segment; longer amortises the 4 boundary frames.", min=1, max=4096)
+    steps_per_call: int = opt(64, "Env steps per collect() call between weight refreshes.", min=1)
+    num_cpus: float = opt(1.0, "Ray CPUs reserved per collector.", min=0.0)
+    resources: dict[str, float] | None = opt(  # noqa: RUF009 - _opt gives dicts a default_factory
         None,
         "Custom Ray resources each collector requests, e.g. {collector: 1}; null = the backend's default: {} for "
         "embedded, {carla: 1} for carla (a CARLA collector runs only where a server slot is declared).",
     )
-    max_failures: int = _opt(
+    max_failures: int = opt(
         5, "Collector failures in a row (no finished episode between) before the run gives up.", min=1
     )
 
 
 @dataclass(frozen=True)
 class ReplayConfig:
-    num_shards: int = _opt(1, "Redis shards started by convoy (ignored when shard_urls is set).", min=1, max=256)
-    capacity: int = _opt(100_000, "Transitions kept over all shards; FIFO eviction beyond.", min=1)
-    shard_urls: tuple[str, ...] = _opt((), "redis:// URLs of existing shards; empty starts num_shards locally.")
-    bind: str = _opt(
+    num_shards: int = opt(1, "Redis shards started by convoy (ignored when shard_urls is set).", min=1, max=256)
+    capacity: int = opt(100_000, "Transitions kept over all shards; FIFO eviction beyond.", min=1)
+    shard_urls: tuple[str, ...] = opt((), "redis:// URLs of existing shards; empty starts num_shards locally.")
+    bind: str = opt(
         "auto",
         "Where convoy-started shards listen: auto = loopback on a local Ray cluster, the node's own address when "
         "joining a cluster (run.ray_address set; then always with a password); loopback or node to force either.",
         choices=("auto", "loopback", "node"),
     )
-    password: str = _opt(
+    password: str = opt(
         "",
         "Shard password (requirepass). Empty: none for loopback-only runs; on a multi-node cluster a random one "
         "per run. $CONVOY_REPLAY_PASSWORD is used when this is empty. Never printed or saved (shown as ***).",
     )
-    shard_resources: dict[str, float] = _opt(  # noqa: RUF009 - _opt gives dicts a default_factory
+    shard_resources: dict[str, float] = opt(  # noqa: RUF009 - _opt gives dicts a default_factory
         {}, "Custom Ray resources each convoy-started shard actor requests (multi-node runs), e.g. {replay: 1}."
     )
-    redis_server: str = _opt("redis-server", "redis-server executable used to start shards.")
-    codec: str = _opt(
+    redis_server: str = opt("redis-server", "redis-server executable used to start shards.")
+    codec: str = opt(
         "zstd",
         "Per-frame compression (zstd-6: ~4x smaller than lz4 on driving frames, see replay_service/codec.py).",
         choices=("lz4", "zstd", "none"),
     )
-    prefetch_batches: int = _opt(4, "Ready batches the sampler keeps queued.", min=1)
-    sampler_threads: int = _opt(
+    prefetch_batches: int = opt(4, "Ready batches the sampler keeps queued.", min=1)
+    sampler_threads: int = opt(
         0,
         "Background threads fetching and decoding batches (decoding releases the GIL); 0 = auto: 1 for a CPU "
         "learner (more only take cores from its compute), 4 for a CUDA learner.",
         min=0,
         max=32,
     )
-    index_refresh_s: float = _opt(0.25, "How often the sampler refreshes its view of the shards' contents.", min=0.0)
-    samples_per_insert: float = _opt(
+    index_refresh_s: float = opt(0.25, "How often the sampler refreshes its view of the shards' contents.", min=0.0)
+    samples_per_insert: float = opt(
         256.0,
         "Rate limiter (Reverb SampleToInsertRatio): sampled transitions per inserted transition, the replay ratio; "
         "0 = off. learner.batch_size = one update per env step, as TD3's reference (Fujimoto et al. 2018).",
         min=0.0,
     )
-    spi_tolerance: float = _opt(
+    spi_tolerance: float = opt(
         65_536.0, "Rate limiter slack in sampled transitions either side of the ratio; >= batch_size / 2.", min=1.0
     )
-    min_size_to_sample: int = _opt(
+    min_size_to_sample: int = opt(
         0, "Transitions stored before the first batch; 0 = max(collector.start_steps, learner.batch_size).", min=0
     )
 
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    batch_size: int = _opt(256, "Transitions per TD3 update.", min=1)
-    device: str = _opt("auto", "Torch device: auto (cuda if present), cpu, cuda or cuda:N.")
-    num_gpus: float | str = _opt(
+    batch_size: int = opt(256, "Transitions per TD3 update.", min=1)
+    device: str = opt("auto", "Torch device: auto (cuda if present), cpu, cuda or cuda:N.")
+    num_gpus: float | str = opt(
         "auto",
         "GPUs the learner actor requests from Ray: auto = 1 when the cluster has a GPU, else 0 (decided from the "
         "cluster's resources, never from the driver's machine).",
     )
-    resources: dict[str, float] = _opt(  # noqa: RUF009 - _opt gives dicts a default_factory
+    resources: dict[str, float] = opt(  # noqa: RUF009 - _opt gives dicts a default_factory
         {}, "Custom Ray resources the learner requests, e.g. {learner: 1}."
     )
-    encoder: str = _opt(
+    encoder: str = opt(
         "nature",
         "CNN of actor and critic (each its own copy); 'none' is vector-only.",
         choices=("nature", "nature_maxpool", "none"),
     )
-    hidden_dim: int = _opt(256, "Width of the MLP heads after the CNN.", min=1)
-    gamma: float = _opt(0.99, "Discount.", min=0.0, max=1.0)
-    tau: float = _opt(0.005, "Polyak rate of every target network (TD3 paper: 0.005).", min=0.0, max=1.0)
-    policy_delay: int = _opt(2, "Critic updates per actor and target update (TD3 paper: 2).", min=1)
-    target_noise: float = _opt(0.2, "Std of target policy smoothing noise (TD3 paper: 0.2).", min=0.0)
-    target_noise_clip: float = _opt(0.5, "Clip of target policy smoothing noise (TD3 paper: 0.5).", min=0.0)
-    actor_lr: float = _opt(3e-4, "Adam learning rate of the actor head.", min=0.0)
-    critic_lr: float = _opt(3e-4, "Adam learning rate of the critic heads.", min=0.0)
-    actor_encoder_lr: float = _opt(3e-4, "Adam learning rate of the actor's CNN.", min=0.0)
-    critic_encoder_lr: float = _opt(3e-4, "Adam learning rate of the critic's CNN.", min=0.0)
-    actor_grad_clip: float = _opt(1.0, "Max gradient norm of the actor (CNN + head).", min=0.0)
-    critic_grad_clip: float = _opt(10.0, "Max gradient norm of the critic (CNN + heads).", min=0.0)
-    publish_every: int = _opt(50, "Publish actor weights (new version) every this many updates.", min=1)
-    updates_per_call: int = _opt(8, "Updates per train() call between progress reports.", min=1)
-    num_threads: int = _opt(0, "Torch intra-op threads on CPU; 0 uses every core.", min=0)
-    precision: str = _opt(
+    hidden_dim: int = opt(256, "Width of the MLP heads after the CNN.", min=1)
+    gamma: float = opt(0.99, "Discount.", min=0.0, max=1.0)
+    tau: float = opt(0.005, "Polyak rate of every target network (TD3 paper: 0.005).", min=0.0, max=1.0)
+    policy_delay: int = opt(2, "Critic updates per actor and target update (TD3 paper: 2).", min=1)
+    target_noise: float = opt(0.2, "Std of target policy smoothing noise (TD3 paper: 0.2).", min=0.0)
+    target_noise_clip: float = opt(0.5, "Clip of target policy smoothing noise (TD3 paper: 0.5).", min=0.0)
+    actor_lr: float = opt(3e-4, "Adam learning rate of the actor head.", min=0.0)
+    critic_lr: float = opt(3e-4, "Adam learning rate of the critic heads.", min=0.0)
+    actor_encoder_lr: float = opt(3e-4, "Adam learning rate of the actor's CNN.", min=0.0)
+    critic_encoder_lr: float = opt(3e-4, "Adam learning rate of the critic's CNN.", min=0.0)
+    actor_grad_clip: float = opt(1.0, "Max gradient norm of the actor (CNN + head).", min=0.0)
+    critic_grad_clip: float = opt(10.0, "Max gradient norm of the critic (CNN + heads).", min=0.0)
+    publish_every: int = opt(50, "Publish actor weights (new version) every this many updates.", min=1)
+    updates_per_call: int = opt(8, "Updates per train() call between progress reports.", min=1)
+    num_threads: int = opt(0, "Torch intra-op threads on CPU; 0 uses every core.", min=0)
+    precision: str = opt(
         "auto",
         "Autocast dtype of forward passes: auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
         "else fp32. Only the CNN encoders run in bf16; heads, Q values, targets, losses and parameters are fp32.",
         choices=("auto", "fp32", "bf16"),
     )
-    channels_last: bool = _opt(True, "NHWC memory format for the CNNs (faster convolutions on CPU and GPU).")
-    augment: str = _opt(
+    channels_last: bool = opt(True, "NHWC memory format for the CNNs (faster convolutions on CPU and GPU).")
+    augment: str = opt(
         "none",
         "Image augmentation of sampled batches: shift = DrQ's random shift by up to 4 pixels (Kostrikov et al. "
         "2020), the same shift for obs and next obs of a transition. The pixel profiles (local.yaml, carla.yaml) "
         "turn it on; it does nothing with encoder none.",
         choices=("none", "shift"),
     )
-    compile: bool = _opt(False, "torch.compile the networks (CUDA graphs on CUDA via mode reduce-overhead).")
-    max_nonfinite: int = _opt(
+    compile: bool = opt(False, "torch.compile the networks (CUDA graphs on CUDA via mode reduce-overhead).")
+    max_nonfinite: int = opt(
         10,
         "Stop the run (with a checkpoint of the last good state) after this many consecutive non-finite updates.",
         min=1,
@@ -337,130 +348,9 @@ _SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(ConvoyC
 _SECTION_TYPES = typing.get_type_hints(ConvoyConfig)
 
 
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return f"mapping of str to {_type_name(typing.get_args(tp)[1])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; returns the value in its canonical type."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return None  # an optional field left unset (e.g. a backend default), not an empty value
-        concrete = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(concrete) == 1:  # X | None: X's own error says what is wrong
-            return _coerce(key, value, concrete[0])
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-    elif origin is dict:
-        # Ray resource maps: YAML mappings, or "name:amount,name:amount" on the command line.
-        if value is None:
-            return {}
-        if isinstance(value, str):
-            pairs = [p for p in value.split(",") if p.strip()]
-            try:
-                value = {k.strip(): yaml.safe_load(v) for k, v in (p.split(":", 1) for p in pairs)}
-            except ValueError:
-                raise ConfigError(
-                    f"{key}={value!r}: expected a mapping like {{collector: 1}} or 'collector:1'"
-                ) from None
-        if isinstance(value, dict):
-            _, val_tp = typing.get_args(tp)
-            out = {}
-            for k, v in value.items():
-                if not isinstance(k, str) or not k:
-                    raise ConfigError(f"{key}: resource names must be non-empty strings, got {k!r}")
-                amount = _coerce(f"{key}.{k}", v, val_tp)
-                if amount < 0:
-                    raise ConfigError(f"{key}.{k}={v!r}: must be >= 0")
-                out[k] = amount
-            return out
-    elif origin is tuple:
-        (item_tp, _) = typing.get_args(tp)
-        if value is None:
-            return ()
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if isinstance(value, list | tuple):
-            return tuple(_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
-    raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
-
-
-def _check_constraints(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
-    if "choices" in meta and value not in meta["choices"]:
-        allowed = ", ".join(repr(c) for c in meta["choices"])
-        raise ConfigError(f"{key}={value!r}: not an allowed value; allowed: {allowed}")
-    if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{key}={value!r}: must be >= {meta['min']}")
-    if "max" in meta and value > meta["max"]:
-        raise ConfigError(f"{key}={value!r}: must be <= {meta['max']}")
-
-
-def _build_section(name: str, values: dict[str, Any]) -> Any:
-    cls = _SECTION_TYPES[name]
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, raw in values.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {name}.{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown key {name}.{key}{hint}; keys of {name}: {', '.join(sorted(known))}")
-        value = _coerce(f"{name}.{key}", raw, hints[key])
-        _check_constraints(f"{name}.{key}", value, known[key].metadata)
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
 def parse_override(text: str) -> tuple[str, str, Any]:
     """``'learner.batch_size=128'`` -> ``('learner', 'batch_size', 128)`` (value parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. learner.batch_size=128")
-    dotted, raw = text.split("=", 1)
-    parts = dotted.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. learner.batch_size=128")
-    section, key = parts
-    if section not in _SECTIONS:
-        raise ConfigError(f"unknown section {section!r} in {text!r}; sections: {', '.join(_SECTIONS)}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
-    # A path like 'runs/x' or a URL stays a string; only scalars YAML understands get typed.
-    return section, key, value
+    return coerce.parse_override(text, _SECTIONS)
 
 
 def from_dict(data: typing.Mapping[str, Any] | None, overrides: typing.Iterable[str] = ()) -> ConvoyConfig:
@@ -478,7 +368,7 @@ def from_dict(data: typing.Mapping[str, Any] | None, overrides: typing.Iterable[
     for text in overrides:
         section, key, value = parse_override(text)
         merged[section][key] = value
-    sections = {name: _build_section(name, merged[name]) for name in _SECTIONS}
+    sections = {name: coerce.build_dataclass(name, _SECTION_TYPES[name], merged[name]) for name in _SECTIONS}
     if sections["replay"].password == REDACTED:
         # A saved (redacted) config: the secret was never stored, so it counts as unset.
         sections["replay"] = dataclasses.replace(sections["replay"], password="")
@@ -535,12 +425,4 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
 
 def describe_keys() -> list[tuple[str, str, Any, str]]:
     """(dotted key, type, default, doc) for every key; used by ``convoy config --keys`` and the README."""
-    rows = []
-    for name, cls in _SECTION_TYPES.items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            doc = f.metadata.get("doc", "")
-            if "choices" in f.metadata:
-                doc += f" One of: {', '.join(map(str, f.metadata['choices']))}."
-            rows.append((f"{name}.{f.name}", _type_name(hints[f.name]), f.default, doc))
-    return rows
+    return coerce.describe_fields(_SECTION_TYPES)

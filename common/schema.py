@@ -1,8 +1,9 @@
 """The one typed schema for what travels between components.
 
-Observation contract (DESIGN.md): ``image`` uint8 (4, 84, 84), the last four grayscale frames,
-oldest first; ``vector`` float32 (23,); ``action`` float32 (2,) in [-1, 1] (steering,
-throttle>0 / brake<0). Images stay uint8 until the learner's device.
+Observation contract (every simulator produces it, every network consumes it): ``image``
+uint8 (4, 84, 84), the last four grayscale frames, oldest first; ``vector`` float32 (23,);
+``action`` float32 (2,) in [-1, 1] (steering, throttle>0 / brake<0). Images stay uint8
+until the learner's device.
 
 A :class:`Segment` is consecutive steps of one episode with every frame stored once:
 ``frames[t:t+4]`` is the observation stack of step ``t`` and ``frames[t+1:t+5]`` its next

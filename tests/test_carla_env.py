@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from actors.carla.client import INSTALL_HINT, CarlaNotInstalled, import_carla
+from actors.carla.errors import SimulatorCrashed
 from actors.carla.fake import FakeCarla, FakeServerHandle
 from actors.collector import Collector
 from actors.envs import make_env
 from actors.envs.carla_env import WARMUP_TICKS, CarlaDrivingEnv
-from actors.envs.errors import SimulatorCrashed
 from common.config import CarlaConfig, EnvConfig, from_dict
 from common.schema import check_observation
 from tests.fakes import FakeDrivingEnv, ListSink

@@ -16,15 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from actors.carla.attached import AttachedServer
+from actors.carla.errors import SimulatorUnavailable
+from actors.carla.launch import LaunchSpec, find_launcher
 from actors.carla.ports import PORTS_PER_SERVER, lease_ports, port_is_free
-from actors.carla.server import (
-    AttachedServer,
-    CarlaServerManager,
-    LaunchSpec,
-    backoff_delay,
-    find_launcher,
-)
-from actors.envs.errors import SimulatorUnavailable
+from actors.carla.server import CarlaServerManager
+from actors.carla.server_api import backoff_delay
 from tests.fake_carla_server import ping_probe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -311,7 +308,8 @@ def test_close_kills_the_whole_process_group_and_frees_the_ports(manager_factory
 _ORPHAN_SCRIPT = """
 import sys, json
 sys.path.insert(0, {repo!r})
-from actors.carla.server import CarlaServerManager, LaunchSpec
+from actors.carla.launch import LaunchSpec
+from actors.carla.server import CarlaServerManager
 from tests.fake_carla_server import ping_probe
 m = CarlaServerManager(LaunchSpec(__import__("pathlib").Path({launcher!r})), lock_dir={lock_dir!r},
                        port_base={base}, max_servers=4, probe=ping_probe, start_timeout_s=10)

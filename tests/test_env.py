@@ -1,4 +1,5 @@
-"""The embedded simulator honours the observation/action contract of DESIGN.md."""
+"""The embedded simulator honours the observation/action contract: uint8 (4, 84, 84) image
+stack, float32 (23,) vector, float32 (2,) action in [-1, 1]."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Simulators behind the observation/action contract of DESIGN.md."""
+"""Simulators behind convoy's observation/action contract (common/schema.py): a uint8
+(4, 84, 84) stack of grayscale frames, a float32 (23,) driving vector, and a float32 (2,)
+action (steering, throttle / brake) in [-1, 1]."""
 
 from __future__ import annotations
 

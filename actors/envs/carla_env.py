@@ -1,6 +1,6 @@
 """The CARLA driving env: a CARLA 0.9.16 world behind convoy's observation contract.
 
-Same meaning as the embedded env (actors/envs/embedded.py, DESIGN.md):
+The same observation, action and reward meaning as the embedded env (actors/envs/embedded.py):
 
 ``image``  uint8 (4, 84, 84): the last four grayscale frames of a front camera rendered at
            84x84 by the server (no resize on the client), oldest first.
@@ -15,8 +15,8 @@ Same meaning as the embedded env (actors/envs/embedded.py, DESIGN.md):
 World: synchronous mode with ``carla.fixed_delta_seconds``, the traffic manager in
 synchronous mode on the collector's own leased port, seeded per episode; NPC traffic by
 ``carla.scenario``. The route is planned from a random spawn point by walking the map's
-waypoints (``Waypoint.next``) for ``env.route_length_m`` plus look-ahead, choosing a random
-branch at junctions — the ``agents`` GlobalRoutePlanner is not part of the client wheel.
+waypoints for ``env.route_length_m`` plus look-ahead; spawning, sensors and route planning
+are in :mod:`actors.envs.carla_world`.
 
 Every step ticks the server once and takes the camera image of exactly that frame, and the
 collision / lane-invasion events up to it (actors/carla/sensors.py). ``terminated`` with
@@ -29,42 +29,33 @@ destroyed on reset and close.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
 from actors.carla.client import CarlaModule, import_carla
+from actors.carla.errors import SimulatorCrashed
 from actors.carla.sensors import EventBuffer, FrameQueue, SensorTimeout
-from actors.carla.server import SimulatorServer
+from actors.carla.server_api import SimulatorServer
+from actors.envs.carla_world import attach_sensors, ego_state, gray_frame, plan_route, spawn_ego, spawn_npcs
 from actors.envs.driving import (
-    GRAY_WEIGHTS,
-    WAYPOINT_SPACING,
     DrivingMetrics,
     RewardWeights,
     Route,
     action_space,
     driving_vector,
-    from_carla_xy_yaw,
     observation_space,
     reward_terms,
     termination,
     total_reward,
-    wrap_angle,
 )
-from actors.envs.errors import SimulatorCrashed
 from common.config import CarlaConfig, EnvConfig
-from common.schema import ACTION_DIM, FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, Observation, check_action
+from common.schema import ACTION_DIM, IMAGE_SHAPE, Observation, check_action
 
 log = logging.getLogger(__name__)
 
-ROUTE_STEP_M = 2.0  # spacing of the planned route's waypoints
-ROUTE_LOOKAHEAD_M = NUM_WAYPOINTS * WAYPOINT_SPACING + 10.0  # route beyond the goal, for the vector
 WARMUP_TICKS = 5  # vehicles spawn slightly above the road and settle for a few frames
-CAMERA_TRANSFORM = (1.5, 0.0, 2.4)  # x forward, y, z up (m), as CARLA's examples mount a hood camera
-NPC_SPAWN_CLEARANCE_M = 15.0
-SPAWN_ATTEMPTS = 10
 
 
 class CarlaDrivingEnv(gym.Env[Observation, np.ndarray]):
@@ -206,55 +197,22 @@ class CarlaDrivingEnv(gym.Env[Observation, np.ndarray]):
         self._collisions.clear()
         self._invasions.clear()
 
-    def _plan_route(self, start_wp: Any, rng: np.random.Generator) -> Route:
-        points = [start_wp]
-        walked = 0.0
-        wp = start_wp
-        while walked < self.config.route_length_m + ROUTE_LOOKAHEAD_M:
-            options = wp.next(ROUTE_STEP_M)
-            if not options:
-                break  # dead end: the route is shorter than asked
-            wp = options[int(rng.integers(len(options)))]
-            points.append(wp)
-            walked += ROUTE_STEP_M
-        xy = np.array([from_carla_xy_yaw(p.transform.location.x, p.transform.location.y, 0.0)[:2] for p in points])
-        return Route(xy, goal_s=min(self.config.route_length_m, walked))
-
     def _spawn_ego(self, rng: np.random.Generator) -> tuple[Any, Route]:
-        lib = self._world.get_blueprint_library()
-        bp = lib.find(self.carla_config.ego_blueprint)
-        bp.set_attribute("role_name", "hero")
-        spawn_points = self._map.get_spawn_points()
-        if not spawn_points:
-            raise RuntimeError(f"map {self._map.name} has no spawn points")
-        for _ in range(SPAWN_ATTEMPTS):
-            sp = spawn_points[int(rng.integers(len(spawn_points)))]
-            ego = self._world.try_spawn_actor(bp, sp)
-            if ego is None:
-                continue
-            start = self._map.get_waypoint(sp.location, True, self.api.LaneType.Driving)
-            return ego, self._plan_route(start, rng)
-        raise RuntimeError(f"could not spawn {self.carla_config.ego_blueprint} at {SPAWN_ATTEMPTS} random spawn points")
+        ego, start = spawn_ego(self.api, self._world, self._map, self.carla_config.ego_blueprint, rng)
+        return ego, plan_route(start, rng, self.config.route_length_m)
 
     def _attach_sensors(self) -> None:
-        api, lib, c = self.api, self._world.get_blueprint_library(), self.carla_config
-        cam_bp = lib.find("sensor.camera.rgb")
-        cam_bp.set_attribute("image_size_x", str(FRAME_SHAPE[1]))
-        cam_bp.set_attribute("image_size_y", str(FRAME_SHAPE[0]))
-        cam_bp.set_attribute("fov", str(c.camera_fov))
-        cam_bp.set_attribute("sensor_tick", "0.0")  # every tick
-        x, y, z = CAMERA_TRANSFORM
-        mount = api.Transform(api.Location(x=x, y=y, z=z), api.Rotation())
-        camera = self._world.spawn_actor(cam_bp, mount, attach_to=self._ego)
-        self._sensors.append(camera)
-        camera.listen(self._camera.put)
-        for blueprint_id, buffer in (
-            ("sensor.other.collision", self._collisions),
-            ("sensor.other.lane_invasion", self._invasions),
-        ):
-            sensor = self._world.spawn_actor(lib.find(blueprint_id), api.Transform(), attach_to=self._ego)
-            self._sensors.append(sensor)
-            sensor.listen(buffer.put)
+        self._sensors.extend(
+            attach_sensors(
+                self.api,
+                self._world,
+                self._ego,
+                self.carla_config.camera_fov,
+                self._camera.put,
+                self._collisions.put,
+                self._invasions.put,
+            )
+        )
 
     def npc_count(self) -> int:
         c = self.carla_config
@@ -264,71 +222,20 @@ class CarlaDrivingEnv(gym.Env[Observation, np.ndarray]):
         n = self.npc_count()
         if n == 0:
             return
-        lib = self._world.get_blueprint_library()
-        cars = [
-            bp
-            for bp in lib.filter("vehicle.*")
-            if not bp.has_attribute("number_of_wheels") or int(bp.get_attribute("number_of_wheels").as_int()) == 4
-        ]
-        points = [p for p in self._map.get_spawn_points() if p.location.distance(ego_location) > NPC_SPAWN_CLEARANCE_M]
-        rng.shuffle(points)
-        cmd, port = self.api.command, self._tm_port
-        batch = []
-        for p in points[:n]:
-            bp = cars[int(rng.integers(len(cars)))]
-            if bp.has_attribute("role_name"):
-                bp.set_attribute("role_name", "autopilot")
-            batch.append(cmd.SpawnActor(bp, p).then(cmd.SetAutopilot(cmd.FutureActor, True, port)))
-        for response in self._client.apply_batch_sync(batch, False):
-            if not response.has_error():
-                self._npc_ids.append(response.actor_id)
-        if len(self._npc_ids) < n:
-            log.info(
-                "spawned %d of %d NPC vehicles (map %s has %d free spawn points)",
-                len(self._npc_ids),
-                n,
-                self._map.name,
-                len(points),
-            )
+        self._npc_ids.extend(
+            spawn_npcs(self.api, self._client, self._world, self._map, rng, ego_location, n, self._tm_port)
+        )
 
     # ----- observation ---------------------------------------------------------------------
-
-    def _gray(self, image: Any) -> np.ndarray:
-        bgra = np.frombuffer(image.raw_data, np.uint8).reshape(image.height, image.width, 4)
-        gray = np.dot(bgra[..., 2::-1].astype(np.float32), np.asarray(GRAY_WEIGHTS, np.float32))
-        if gray.shape != FRAME_SHAPE:  # only if the server ignored the requested size
-            rows = np.linspace(0, gray.shape[0] - 1, FRAME_SHAPE[0]).astype(int)
-            cols = np.linspace(0, gray.shape[1] - 1, FRAME_SHAPE[1]).astype(int)
-            gray = gray[np.ix_(rows, cols)]
-        return gray.clip(0, 255).astype(np.uint8)
 
     def _tick(self) -> np.ndarray:
         """One synchronous tick; returns the camera frame of exactly that tick."""
         timeout = self.carla_config.timeout_s
         self._frame = int(self._world.tick(timeout))
-        return self._gray(self._camera.get(self._frame, timeout))
+        return gray_frame(self._camera.get(self._frame, timeout))
 
     def _ego_state(self) -> dict[str, Any]:
-        """Pose and lane state in the right-handed frame of actors/envs/driving.py."""
-        t = self._ego.get_transform()
-        v = self._ego.get_velocity()
-        x, y, heading = from_carla_xy_yaw(t.location.x, t.location.y, t.rotation.yaw)
-        speed = math.hypot(v.x, v.y)
-        lane = self._map.get_waypoint(t.location, True, self.api.LaneType.Driving)
-        on_road = self._map.get_waypoint(t.location, False, self.api.LaneType.Driving) is not None
-        cx, cy, lane_heading = from_carla_xy_yaw(
-            lane.transform.location.x, lane.transform.location.y, lane.transform.rotation.yaw
-        )
-        lateral = math.cos(lane_heading) * (y - cy) - math.sin(lane_heading) * (x - cx)  # + = left of the lane
-        return {
-            "position": np.array([x, y]),
-            "heading": heading,
-            "speed": speed,
-            "lateral": lateral,
-            "half_width": float(lane.lane_width) / 2.0,
-            "heading_error": wrap_angle(heading - lane_heading),
-            "on_road": on_road,
-        }
+        return ego_state(self.api, self._ego, self._map)
 
     def _observation(self, state: dict[str, Any]) -> Observation:
         assert self._route is not None

@@ -267,6 +267,10 @@ def collision_kind(other_type_id: str) -> str:
     return "static"
 
 
+DRIVING_PREFIX = "driving/"
+"""Prefix of the per-episode driving metrics in an episode's last ``info`` (:class:`DrivingMetrics`)."""
+
+
 class DrivingMetrics:
     """One episode's driving metrics as the CARLA leaderboard reports them: route completion,
     infractions per km driven, mean speed, and the driving score (route completion times the

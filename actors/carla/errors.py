@@ -5,6 +5,9 @@ the env raises :class:`SimulatorCrashed` (and nothing else) for it, the collecto
 unfinished segment, asks the env to :meth:`RecoverableEnv.recover` and starts a new episode.
 :class:`SimulatorUnavailable` means recovery itself gave up (too many consecutive crashes,
 a server that never answers); it propagates, so Ray restarts the whole collector actor.
+
+They live in actors/carla/, the lowest layer of actors/, because the server managers here
+raise them and the envs and the collector above catch them.
 """
 
 from __future__ import annotations
