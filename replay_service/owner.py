@@ -12,7 +12,8 @@ import logging
 import threading
 import time
 
-from replay_service.shards import RedisShardProcess, ShardError
+from replay_service.errors import ShardError
+from replay_service.launcher import RedisShardProcess
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,6 @@ class ShardOwner:
     @property
     def url(self) -> str:
         return f"redis://{self.advertise}:{self.port}/0"
-
-    @property
-    def pid(self) -> int:
-        with self._lock:
-            return int(self.process.proc.pid)
 
     def alive(self) -> bool:
         with self._lock:

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import redis
 
+from replay_service.errors import ShardUnavailable
+from replay_service.launcher import RedisShardProcess
+from replay_service.resp import RespConnection
 from replay_service.sampler import ReplaySampler
-from replay_service.shards import RedisShardProcess, RespConnection, ShardUnavailable
 from replay_service.writer import ReplayWriter
 from tests.test_replay import make_segment
 
