@@ -17,6 +17,9 @@ from replay_service.launcher import RedisShardProcess
 
 log = logging.getLogger(__name__)
 
+# Metric key the control plane reads (it counts shard restarts into the run's restarts).
+RESTARTS_TOTAL = "replay_shard/restarts_total"
+
 
 class ShardOwner:
     """Starts redis-server on ``host:port`` (a free port when None) and keeps it running.
@@ -99,7 +102,7 @@ class ShardOwner:
     def metrics(self) -> dict[str, float]:
         return {
             "replay_shard/up": float(self.alive()),
-            "replay_shard/restarts_total": self.restarts_total,
+            RESTARTS_TOTAL: self.restarts_total,
             "replay_shard/restart_failures_total": self.restart_failures_total,
             "replay_shard/last_restart_seconds": self.last_restart_seconds,
         }

@@ -1,5 +1,7 @@
-"""Races in the threaded replay sampler (issue 9, part 6), each forced deterministically, and a
-threaded stress run against real redis-server shards that are killed and restarted.
+"""Races in the threaded replay sampler (a snapshot built while another thread replaced a
+shard's mirror; a counter poll resetting the connection a refresh was reading; a shard
+restarted under its old epoch), each forced deterministically, and a threaded stress run
+against real redis-server shards that are killed and restarted.
 
 The forced tests pause one thread inside the racy window (through a hook in numpy or the RESP
 connection, which both the old and the fixed code go through) and run the other side of the
