@@ -120,7 +120,6 @@ class ReplaySampler:
         self.batch_size = batch_size
         self.password = password
         self.timeout = timeout
-        self.index_refresh_s = index_refresh_s
         # Pinned host memory only helps (and only exists) with CUDA.
         self.pin_memory = bool(pin_memory and torch.cuda.is_available())
         self.min_size = max(1, min_size)
@@ -202,6 +201,10 @@ class ReplaySampler:
         with self._lock:
             c = self._counters[i]
             c.stats = stats
+
+    @property
+    def index_refresh_s(self) -> float:
+        return self._refresher.interval_s
 
     @property
     def size(self) -> int:
