@@ -41,6 +41,10 @@ Every zstd frame carries its content size (7056): libzstd then rejects any frame
 decode to exactly one 84x84 frame, so a corrupt value cannot shift pixels between frames.
 lz4 and 'none' stay readable (per-frame path); a frame stored at exactly 84*84 bytes under
 lz4 is stored raw (compression did not help).
+
+The writer and every reader of this layout stay in this one module (a little over 400 lines,
+a tenth of it this description): the offsets the encoder writes are the offsets the index
+parser and the batch decoder trust, so a change to one side is checked against the other here.
 """
 
 from __future__ import annotations

@@ -1,22 +1,28 @@
-"""The sampler's index: a mirror of each shard's live segments, and the snapshot a batch draws from.
+"""The sampler's index: a mirror of each shard's live segments, the snapshot a batch draws from,
+and the refresher that brings the mirrors up to date from the shards.
 
 The invariant this module keeps: a :class:`Snapshot` is built from one consistent set of mirrors.
 Mirrors are immutable; :class:`ShardIndex` replaces them whole and builds snapshots only under
 its lock, and nothing slow (no network) ever runs under it. A refresh reads a mirror, talks to
 the shard without the lock, and commits its new mirror only if the shard's mirror is still the
 one it read (compare-and-swap): a shard lost or quarantined meanwhile wins, and the refresh
-simply reads again next time. Issue 9: a snapshot built while another thread replaced a mirror
-paired one mirror's lengths with another's offsets, which raised IndexError in the learner or
-quarantined healthy segments as corrupt.
+simply reads again next time. Without that, a snapshot built while another thread replaced a
+mirror paired one mirror's lengths with another's offsets, which raised IndexError in the
+learner or quarantined healthy segments as corrupt.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+from replay_service.codec import CorruptSegmentError, parse_index
+from replay_service.errors import ShardAuthError, ShardUnavailable
+from replay_service.shards import ShardClient, ShardHealth, ShardStats
 
 
 def _empty(dtype: type) -> np.ndarray:
@@ -184,3 +190,137 @@ class ShardIndex:
         frozen = tuple(mirrors)
         self._snapshot = Snapshot.of(frozen)
         self._mirrors = frozen
+
+
+class IndexRefresher:
+    """Brings a :class:`ShardIndex` up to date from the shards, over clients of its own.
+
+    One refresh runs at a time (``lock``), and ``clients`` are used only under that lock: a
+    ShardClient has one RESP connection, and resetting it closes the socket under whoever is
+    reading it. Anyone else who needs these clients (the sampler's rate-limit counter poll)
+    borrows them through :meth:`try_with_clients`, which never waits for a refresh.
+
+    What a refresh learns goes to the owner's callbacks: ``on_stats`` (a shard's counters),
+    ``on_restart`` (a shard came back empty) and ``on_corrupt`` (a segment index that does not
+    parse; the segment is left out of the mirror).
+    """
+
+    def __init__(
+        self,
+        index: ShardIndex,
+        clients: Sequence[ShardClient],
+        health: Sequence[ShardHealth],
+        interval_s: float,
+        *,
+        on_stats: Callable[[int, ShardStats], None],
+        on_restart: Callable[[int, ShardStats], None],
+        on_corrupt: Callable[[int, int, CorruptSegmentError], None],
+    ) -> None:
+        self.index = index
+        self.clients = list(clients)
+        self.health = list(health)
+        self.interval_s = interval_s
+        self.lock = threading.Lock()
+        self._on_stats = on_stats
+        self._on_restart = on_restart
+        self._on_corrupt = on_corrupt
+        self._last_refresh = 0.0
+
+    def refresh(self) -> None:
+        """Bring every shard's mirror up to date now (waits for a refresh in progress)."""
+        with self.lock:
+            self._refresh_locked()
+
+    def maybe_refresh(self) -> None:
+        """Refresh when ``interval_s`` has passed and no other thread is refreshing."""
+        if time.monotonic() - self._last_refresh >= self.interval_s and self.lock.acquire(blocking=False):
+            try:
+                self._refresh_locked()
+            finally:
+                self.lock.release()
+
+    def expire(self) -> None:
+        """Make the next :meth:`maybe_refresh` run (a shard restarted)."""
+        self._last_refresh = 0.0
+
+    def try_with_clients(self, fn: Callable[[Sequence[ShardClient]], None]) -> None:
+        """Run ``fn`` on the clients unless a refresh is using them; skipped then, since that
+        refresh reads the shards' counters itself."""
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            fn(self.clients)
+        finally:
+            self.lock.release()
+
+    def lost(self, shard: int, exc: BaseException) -> None:
+        """The shard failed: back off from it and sample uniformly over the others."""
+        self.health[shard].failed(exc)
+        self.index.drop(shard)
+
+    def _refresh_locked(self) -> None:
+        """Refresh every shard's mirror; the caller holds ``lock``."""
+        updates: dict[int, tuple[Mirror, Mirror]] = {}
+        for i in range(len(self.clients)):
+            read = self.index.mirror(i)
+            new = self._refresh_shard(i, read)
+            if new is not None:
+                updates[i] = (read, new)
+        # A shard lost by another thread since we read its mirror stays lost (see ShardIndex.commit).
+        self.index.commit(updates)
+        self._last_refresh = time.monotonic()
+
+    def _refresh_shard(self, i: int, m: Mirror) -> Mirror | None:
+        """Shard ``i``'s mirror brought up to date from ``m``; None when the shard is skipped or lost."""
+        health = self.health[i]
+        if not health.available():
+            return None
+        client = self.clients[i]
+        if client.generation != health.generation:
+            client.reset(health.generation)
+        try:
+            stats = client.stats()
+            health.succeeded()
+            self._on_stats(i, stats)
+            # A shard that restarted empty has a new epoch. Its sequence running backwards means
+            # the same: a writer gave the empty shard the epoch it had before (writer.py adopts
+            # one epoch per writer), and the old seqs now name other segments.
+            if stats.epoch != m.epoch or stats.next < m.next_seq:
+                if m.epoch:
+                    self._on_restart(i, stats)
+                m = Mirror(epoch=stats.epoch)
+            m = m.without_before(stats.head)
+            new = list(range(max(m.next_seq + 1, stats.head), stats.next + 1))
+            if not new:
+                return m
+            lengths = client.lengths(new)
+            live = [(s, n) for s, n in zip(new, lengths, strict=True) if n is not None]
+            heads = client.indexes(m.epoch, [s for s, _ in live], [n for _, n in live]) if live else []
+        except (ShardUnavailable, ShardAuthError) as exc:
+            self.lost(i, exc)
+            return None
+        return self._extend(i, m, stats.next, live, heads)
+
+    def _extend(
+        self, i: int, m: Mirror, next_seq: int, live: Sequence[tuple[int, int]], heads: Sequence[object]
+    ) -> Mirror:
+        """``m`` with the segments whose index parses; the others are reported and left out."""
+        seqs, lens, uoffs, codecs, tabs = [], [], [], [], []
+        for (s, n), data in zip(live, heads, strict=True):
+            if data == b"":
+                continue  # evicted since HMGET
+            try:
+                if not isinstance(data, bytes):
+                    raise CorruptSegmentError(f"GETRANGE answered {data!r:.100}")
+                codec_id, t, uoff, _, table = parse_index(data)
+                if t != n:
+                    raise CorruptSegmentError(f"index says {t} transitions, the shard's length hash says {n}")
+            except CorruptSegmentError as exc:
+                self._on_corrupt(i, s, exc)
+                continue
+            seqs.append(s)
+            lens.append(t)
+            uoffs.append(uoff)
+            codecs.append(codec_id)
+            tabs.append(table)
+        return m.extended(next_seq, seqs, lens, uoffs, codecs, tabs)

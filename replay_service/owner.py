@@ -12,9 +12,13 @@ import logging
 import threading
 import time
 
-from replay_service.shards import RedisShardProcess, ShardError
+from replay_service.errors import ShardError
+from replay_service.launcher import RedisShardProcess
 
 log = logging.getLogger(__name__)
+
+# Metric key the control plane reads (it counts shard restarts into the run's restarts).
+RESTARTS_TOTAL = "replay_shard/restarts_total"
 
 
 class ShardOwner:
@@ -53,11 +57,6 @@ class ShardOwner:
     @property
     def url(self) -> str:
         return f"redis://{self.advertise}:{self.port}/0"
-
-    @property
-    def pid(self) -> int:
-        with self._lock:
-            return int(self.process.proc.pid)
 
     def alive(self) -> bool:
         with self._lock:
@@ -103,7 +102,7 @@ class ShardOwner:
     def metrics(self) -> dict[str, float]:
         return {
             "replay_shard/up": float(self.alive()),
-            "replay_shard/restarts_total": self.restarts_total,
+            RESTARTS_TOTAL: self.restarts_total,
             "replay_shard/restart_failures_total": self.restart_failures_total,
             "replay_shard/last_restart_seconds": self.last_restart_seconds,
         }

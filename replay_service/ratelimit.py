@@ -15,12 +15,17 @@ Both sides wait in one state only when ``2 * tol < B``, which the sampler refuse
 The counters live in each shard (``cvy:inserted_total`` bumped by insert.lua,
 ``cvy:sampled_total`` bumped by the sampler's fetch round trip) because writers and the learner
 run in different processes. A shard that is lost takes its counts with it, which moves ``diff``
-by that shard's share only; the limiter then converges again from the survivors.
+by that shard's share only; the limiter then converges again from the survivors. A side that
+waits re-reads those counters with :func:`poll_counters`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from replay_service.errors import ShardAuthError, ShardUnavailable
+from replay_service.shards import ShardClient, ShardHealth, ShardStats
 
 
 class RateLimitConfigError(ValueError):
@@ -68,3 +73,29 @@ class SampleToInsertRatio:
                 f"replay.spi_tolerance={self.tolerance!r}: must be >= batch_size / 2 = {batch_size / 2:g}, "
                 "or the learner and the collectors can block each other"
             )
+
+
+def poll_counters(
+    clients: Sequence[ShardClient],
+    health: Sequence[ShardHealth],
+    on_stats: Callable[[int, ShardStats], None],
+    on_lost: Callable[[int, ShardUnavailable | ShardAuthError], None],
+) -> None:
+    """Read each reachable shard's counters (one MGET each) for a waiting limiter.
+
+    A shard backing off is skipped; one that fails goes to ``on_lost``; the others are marked up
+    and their counters go to ``on_stats``. A client whose connections predate the shard's last
+    failure is reset first, so the caller must be the only user of ``clients`` meanwhile.
+    """
+    for i, (client, h) in enumerate(zip(clients, health, strict=True)):
+        if not h.available():
+            continue
+        if client.generation != h.generation:
+            client.reset(h.generation)
+        try:
+            stats = client.stats()
+        except (ShardUnavailable, ShardAuthError) as exc:
+            on_lost(i, exc)
+            continue
+        h.succeeded()
+        on_stats(i, stats)

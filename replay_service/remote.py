@@ -39,9 +39,6 @@ class ShardActor:
     def node(self) -> dict[str, Any]:
         return {"node_id": ray.get_runtime_context().get_node_id(), "address": ray.util.get_node_ip_address()}
 
-    def server_pid(self) -> int:
-        return self.owner.pid
-
     def kill_server(self) -> int:
         return self.owner.kill_server()
 

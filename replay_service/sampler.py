@@ -16,7 +16,13 @@ over. A transition whose bytes are missing (evicted after the mirror saw it) or 
 counted and redrawn, so the batch stays uniform over what is readable.
 
 Threads: the mirrors and the snapshot live in index.py (one lock, no I/O under it). The index
-clients are used only under ``_refresh_lock``; each worker thread has its own clients.
+clients belong to the :class:`IndexRefresher` and are used only under its lock (refreshes, and
+the rate limiter's counter poll when no refresh runs); each worker thread has its own clients
+for fetches. ``_lock`` guards the per-shard counters and the rate limiter's reservations.
+
+This module is over 400 lines on purpose: what is left here (the rate-limited fetch, its
+redraws and bad-data accounting, the worker threads and the metrics) all reads and writes the
+counters under ``_lock``; split apart, that one lock's rules would span several modules.
 """
 
 from __future__ import annotations
@@ -33,19 +39,19 @@ import numpy as np
 import torch
 
 from common.schema import FRAME_SHAPE, Batch
-from replay_service.codec import RECORD_DTYPE, SPAN, TERMINATED, CorruptSegmentError, decode_batch, parse_index
-from replay_service.index import Mirror, ShardIndex, Snapshot
-from replay_service.ratelimit import SampleToInsertRatio
-from replay_service.shards import (
-    ShardAuthError,
-    ShardClient,
-    ShardHealth,
-    ShardStats,
-    ShardUnavailable,
-    check_shards_at_start,
-)
+from replay_service.codec import RECORD_DTYPE, SPAN, TERMINATED, CorruptSegmentError, decode_batch
+from replay_service.errors import ShardAuthError, ShardUnavailable
+from replay_service.index import IndexRefresher, ShardIndex, Snapshot
+from replay_service.ratelimit import SampleToInsertRatio, poll_counters
+from replay_service.shards import ShardClient, ShardHealth, ShardStats, check_shards_at_start
 
 log = logging.getLogger(__name__)
+
+# Metric keys the control plane and the benchmarks read (run progress, replay size, data wait).
+SIZE = "replay_sampler/size"
+SAMPLED_TRANSITIONS_TOTAL = "replay_sampler/sampled_transitions_total"
+CORRUPT_TOTAL = "replay_sampler/corrupt_total"
+WAIT_SECONDS_TOTAL = "replay_sampler/wait_seconds_total"
 
 _ARANGE_OFFS = np.arange(SPAN + 1)
 _MAX_ATTEMPTS = 8
@@ -114,7 +120,6 @@ class ReplaySampler:
         self.batch_size = batch_size
         self.password = password
         self.timeout = timeout
-        self.index_refresh_s = index_refresh_s
         # Pinned host memory only helps (and only exists) with CUDA.
         self.pin_memory = bool(pin_memory and torch.cuda.is_available())
         self.min_size = max(1, min_size)
@@ -123,15 +128,21 @@ class ReplaySampler:
         self.rate_limit_poll_s = rate_limit_poll_s
         self._seed = seed
         self._health = [ShardHealth(i, u, "replay sampler") for i, u in enumerate(self.urls)]
-        self._index_clients = [ShardClient(u, password, timeout) for u in self.urls]
-        self._clients: dict[int, list[ShardClient]] = {}
+        self._clients: dict[int, list[ShardClient]] = {}  # per worker thread, used only by it
         self._index = ShardIndex(len(self.urls))
         self._counters = [_ShardCounters() for _ in self.urls]
         self._lock = threading.Lock()  # counters
-        # One refresher at a time, and the only user of ``_index_clients``: a ShardClient has one
-        # RESP connection, and resetting it closes the socket under whoever is reading it.
-        self._refresh_lock = threading.Lock()
-        self._last_refresh = 0.0
+        # The index clients: used only under the refresher's lock (one RESP connection each, and
+        # resetting one closes the socket under whoever is reading it).
+        self._refresher = IndexRefresher(
+            self._index,
+            [ShardClient(u, password, timeout) for u in self.urls],
+            self._health,
+            index_refresh_s,
+            on_stats=self._update_stats,
+            on_restart=self._shard_restarted,
+            on_corrupt=self._corrupt_index,
+        )
         self._reserved = 0  # transitions of batches in flight (rate limiter)
         self._rng = np.random.default_rng(seed)
         self._bad_log = _LogOnce()
@@ -149,7 +160,7 @@ class ReplaySampler:
 
     def _check_start(self) -> None:
         try:
-            check_shards_at_start(self._index_clients, self._health)
+            check_shards_at_start(self._refresher.clients, self._health)
         except (ShardAuthError, ShardUnavailable):
             self._close_clients()
             raise
@@ -164,96 +175,36 @@ class ReplaySampler:
 
     def refresh_index(self) -> int:
         """Bring the local mirror up to date; returns the total transitions stored."""
-        with self._refresh_lock:
-            self._refresh_locked()
+        self._refresher.refresh()
         return self.size
 
-    def _maybe_refresh(self) -> None:
-        if time.monotonic() - self._last_refresh >= self.index_refresh_s and self._refresh_lock.acquire(blocking=False):
-            try:
-                self._refresh_locked()
-            finally:
-                self._refresh_lock.release()
-
-    def _refresh_locked(self) -> None:
-        """Refresh every shard's mirror; the caller holds ``_refresh_lock``."""
-        updates: dict[int, tuple[Mirror, Mirror]] = {}
-        for i in range(len(self.urls)):
-            read = self._index.mirror(i)
-            new = self._refresh_shard(i, read)
-            if new is not None:
-                updates[i] = (read, new)
-        # A shard lost by another thread since we read its mirror stays lost (see index.py).
-        self._index.commit(updates)
-        self._last_refresh = time.monotonic()
-
     def _shard_lost(self, i: int, exc: BaseException) -> None:
-        self._health[i].failed(exc)
-        self._index.drop(i)
+        self._refresher.lost(i, exc)
 
-    def _refresh_shard(self, i: int, m: Mirror) -> Mirror | None:
-        """Shard ``i``'s mirror brought up to date from ``m``; None when the shard is skipped or lost."""
-        health = self._health[i]
-        if not health.available():
-            return None
-        client = self._index_clients[i]
-        if client.generation != health.generation:
-            client.reset(health.generation)
-        try:
-            stats = client.stats()
-            health.succeeded()
-            self._update_stats(i, stats)
-            # A shard that restarted empty has a new epoch. Its sequence running backwards means
-            # the same: a writer gave the empty shard the epoch it had before (writer.py adopts
-            # one epoch per writer), and the old seqs now name other segments.
-            if stats.epoch != m.epoch or stats.next < m.next_seq:
-                if m.epoch:
-                    with self._lock:
-                        self._counters[i].restarts_total += 1
-                    log.warning(
-                        "replay shard %d restarted empty (epoch %s, next seq %d); its mirror starts over",
-                        i,
-                        stats.epoch,
-                        stats.next,
-                    )
-                m = Mirror(epoch=stats.epoch)
-            m = m.without_before(stats.head)
-            new = list(range(max(m.next_seq + 1, stats.head), stats.next + 1))
-            if not new:
-                return m
-            lengths = client.lengths(new)
-            live = [(s, n) for s, n in zip(new, lengths, strict=True) if n is not None]
-            heads = client.indexes(m.epoch, [s for s, _ in live], [n for _, n in live]) if live else []
-        except (ShardUnavailable, ShardAuthError) as exc:
-            self._shard_lost(i, exc)
-            return None
-        seqs, lens, uoffs, codecs, tabs = [], [], [], [], []
-        for (s, n), data in zip(live, heads, strict=True):
-            if data == b"":
-                continue  # evicted since HMGET
-            try:
-                if not isinstance(data, bytes):
-                    raise CorruptSegmentError(f"GETRANGE answered {data!r:.100}")
-                codec_id, t, uoff, _, table = parse_index(data)
-                if t != n:
-                    raise CorruptSegmentError(f"index says {t} transitions, the shard's length hash says {n}")
-            except CorruptSegmentError as exc:
-                with self._lock:
-                    self._counters[i].corrupt_total += 1
-                    count = self._counters[i].corrupt_total
-                self._bad_log.warn(i, "corrupt segment index", count, f"seq {s}: {exc}")
-                continue
-            seqs.append(s)
-            lens.append(t)
-            uoffs.append(uoff)
-            codecs.append(codec_id)
-            tabs.append(table)
-        return m.extended(stats.next, seqs, lens, uoffs, codecs, tabs)
+    def _shard_restarted(self, i: int, stats: ShardStats) -> None:
+        with self._lock:
+            self._counters[i].restarts_total += 1
+        log.warning(
+            "replay shard %d restarted empty (epoch %s, next seq %d); its mirror starts over",
+            i,
+            stats.epoch,
+            stats.next,
+        )
+
+    def _corrupt_index(self, i: int, seq: int, exc: CorruptSegmentError) -> None:
+        with self._lock:
+            self._counters[i].corrupt_total += 1
+            count = self._counters[i].corrupt_total
+        self._bad_log.warn(i, "corrupt segment index", count, f"seq {seq}: {exc}")
 
     def _update_stats(self, i: int, stats: ShardStats) -> None:
         with self._lock:
             c = self._counters[i]
             c.stats = stats
+
+    @property
+    def index_refresh_s(self) -> float:
+        return self._refresher.interval_s
 
     @property
     def size(self) -> int:
@@ -292,36 +243,23 @@ class ReplaySampler:
             self._refresh_counters()
 
     def _refresh_counters(self) -> None:
-        """Poll the shards' counters for the rate limiter, on the index clients, so only when no
-        refresh is using them (issue 9: a reset here closed a refresher's socket mid-read and a
-        healthy shard was dropped); a refresh running now updates the counters itself."""
-        if not self._refresh_lock.acquire(blocking=False):
-            return
-        try:
-            self._refresh_counters_locked()
-        finally:
-            self._refresh_lock.release()
+        """Poll the shards' counters for the rate limiter on the index clients, so only when no
+        refresh is using them: resetting a client here would close the socket a refresh is
+        reading from, and a healthy shard would be dropped. A refresh running now updates the
+        counters itself."""
+        self._refresher.try_with_clients(
+            lambda clients: poll_counters(clients, self._health, self._counters_polled, self._shard_lost)
+        )
 
-    def _refresh_counters_locked(self) -> None:
-        for i, (client, health) in enumerate(zip(self._index_clients, self._health, strict=True)):
-            if not health.available():
-                continue
-            if client.generation != health.generation:
-                client.reset(health.generation)
-            try:
-                stats = client.stats()
-            except (ShardUnavailable, ShardAuthError) as exc:
-                self._shard_lost(i, exc)
-                continue
-            if stats.epoch != self._index.mirror(i).epoch:
-                self._last_refresh = 0.0  # restarted: the next batch refreshes the mirror
-            health.succeeded()
-            self._update_stats(i, stats)
+    def _counters_polled(self, i: int, stats: ShardStats) -> None:
+        if stats.epoch != self._index.mirror(i).epoch:
+            self._refresher.expire()  # restarted: the next batch refreshes the mirror
+        self._update_stats(i, stats)
 
     def sample_batch(self, rng: np.random.Generator | None = None, worker: int = -1) -> Batch:
         """Fetch and decode one batch on the calling thread."""
         rng = rng or self._rng
-        self._maybe_refresh()
+        self._refresher.maybe_refresh()
         if self.size == 0:
             self.refresh_index()
         b = self.batch_size
@@ -466,7 +404,7 @@ class ReplaySampler:
                 return
             except queue.Full:
                 # Keep the size and the metrics the learner sees current while the queue is full.
-                self._maybe_refresh()
+                self._refresher.maybe_refresh()
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -512,11 +450,11 @@ class ReplaySampler:
                 for c in self._counters
             ]
         out: dict[str, float] = {
-            "replay_sampler/size": self.size,
-            "replay_sampler/sampled_transitions_total": sum(c[1] for c in counters),
-            "replay_sampler/corrupt_total": sum(c[2] for c in counters),
+            SIZE: self.size,
+            SAMPLED_TRANSITIONS_TOTAL: sum(c[1] for c in counters),
+            CORRUPT_TOTAL: sum(c[2] for c in counters),
             "replay_sampler/missing_total": sum(c[3] for c in counters),
-            "replay_sampler/wait_seconds_total": self.wait_seconds_total,
+            WAIT_SECONDS_TOTAL: self.wait_seconds_total,
             "replay_sampler/rate_limit_wait_seconds_total": self.rate_limit_wait_seconds_total,
             "replay_sampler/ready_batches": self._queue.qsize(),
             "replay_sampler/shards_up": sum(h.up for h in self._health),
@@ -538,7 +476,7 @@ class ReplaySampler:
         return out
 
     def _close_clients(self) -> None:
-        for c in self._index_clients:
+        for c in self._refresher.clients:
             c.close()
         for clients in self._clients.values():
             for c in clients:
@@ -553,7 +491,7 @@ class ReplaySampler:
         for i, c in enumerate(self._counters):
             if c.unreported and self._health[i].up:
                 try:
-                    self._index_clients[i].report_sampled(c.unreported)
+                    self._refresher.clients[i].report_sampled(c.unreported)
                     c.unreported = 0
                 except (ShardUnavailable, ShardAuthError):
                     pass

@@ -1,28 +1,18 @@
-"""Replay shards: redis-server processes convoy starts (or attaches to), and a client per shard.
+"""Replay shards as the writers and the sampler see them: the shard set of a run, and a client
+per shard with the shard's health (backoff after a failure, reconnect after an outage).
 
-A shard convoy starts runs with no disk persistence (replay is a cache of experience, not a
-database; snapshots of gigabytes of frames would stall it), binds to ``replay.bind`` and, when
-``replay.password`` is set, requires it. The password goes through a 0600 config file, never
-the command line, so it does not show in ``ps``.
+The redis-server processes live in launcher.py, the sampler's raw RESP connection in resp.py,
+the errors in errors.py.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import ctypes
 import logging
-import os
-import signal
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -31,6 +21,9 @@ from redis.retry import Retry
 
 from common.config import redact_url
 from replay_service.codec import index_size
+from replay_service.errors import ShardAuthError, ShardError, ShardUnavailable
+from replay_service.launcher import RedisShardProcess
+from replay_service.resp import RespConnection, pack
 
 log = logging.getLogger(__name__)
 
@@ -43,139 +36,10 @@ K_NEXT, K_HEAD, K_SIZE, K_BYTES, K_LENS, K_INSERTED, K_EVICTED, K_EPOCH, K_SAMPL
 _STAT_KEYS = [K_SIZE, K_BYTES, K_INSERTED, K_EVICTED, K_HEAD, K_NEXT, K_EPOCH, K_SAMPLED]
 
 
-class ShardError(RuntimeError):
-    """A shard could not be started, reached or authenticated; the message says which and why."""
-
-
-class ShardUnavailable(ShardError):
-    """A shard did not answer (down, restarting, network); the caller skips it and retries later."""
-
-
-class ShardAuthError(ShardError):
-    """A shard refused our credentials: a configuration error, never retried at start."""
-
-
 def segment_key(epoch: str, seq: int) -> str:
     """Segment keys carry the shard's epoch, so a restarted shard's new segments never alias
     the sequence numbers a reader mirrored before the restart."""
     return f"{SEG_PREFIX}{epoch}:{seq}"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """Child-side: get SIGTERM when the parent dies, so a killed driver leaves no redis-server."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class RedisShardProcess:
-    """One redis-server started by convoy on a free port; :meth:`stop` always removes it."""
-
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int | None = None,
-        password: str = "",
-        executable: str = "redis-server",
-        maxmemory: str = "",
-    ) -> None:
-        self.host = host
-        self.port = port or free_port(host)
-        self.password = password
-        self._dir = tempfile.mkdtemp(prefix="convoy-shard-")
-        conf = Path(self._dir) / "redis.conf"
-        lines = [
-            f"port {self.port}",
-            f"bind {host}",
-            'save ""',
-            "appendonly no",
-            f"dir {self._dir}",
-            "daemonize no",
-            "loglevel warning",
-            # Replay values are written once and read by range; Lua scripts may run for a
-            # whole batch, which is fine below the default 5 s busy threshold.
-            "protected-mode " + ("yes" if not password and host not in ("127.0.0.1", "localhost", "::1") else "no"),
-        ]
-        if password:
-            lines.append(f"requirepass {password}")
-        if maxmemory:
-            lines.append(f"maxmemory {maxmemory}")
-        conf.write_text("\n".join(lines) + "\n")
-        conf.chmod(0o600)
-        self._log_path = Path(self._dir) / "redis.log"
-        self._log = open(self._log_path, "wb")  # noqa: SIM115 - closed in stop()
-        try:
-            self.proc = subprocess.Popen(
-                [executable, str(conf)],
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,  # Linux-only cleanup guarantee
-                start_new_session=True,
-            )
-        except FileNotFoundError:
-            self._log.close()
-            raise ShardError(
-                f"replay.redis_server={executable!r} not found; install it (Debian: apt-get install redis-server) "
-                "or set replay.shard_urls to existing shards"
-            ) from None
-        atexit.register(self.stop)
-        self._wait_ready()
-
-    @property
-    def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
-
-    def _wait_ready(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        client = redis.Redis(host=self.host, port=self.port, password=self.password or None, socket_timeout=1.0)
-        try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise ShardError(f"redis-server on port {self.port} exited at start: {self.log_tail()}")
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    time.sleep(0.02)
-            raise ShardError(f"redis-server on port {self.port} did not answer within {timeout}s: {self.log_tail()}")
-        finally:
-            client.close()
-
-    def log_tail(self, n: int = 5) -> str:
-        try:
-            return " | ".join(self._log_path.read_text(errors="replace").strip().splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        """Hard-kill (tests of shard loss)."""
-        if self.alive():
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
-        with contextlib.suppress(OSError):
-            for p in Path(self._dir).iterdir():
-                p.unlink()
-            os.rmdir(self._dir)
-        atexit.unregister(self.stop)
 
 
 class ShardSet:
@@ -262,97 +126,6 @@ def check_shard(url: str, password: str = "", timeout: float = 3.0) -> None:
 
 def _script(name: str) -> str:
     return resources.files("replay_service").joinpath(name).read_text()
-
-
-def _pack(*args: bytes | str | int) -> bytes:
-    """One RESP command."""
-    parts = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(parts)
-
-
-class RespConnection:
-    """A minimal pipelined RESP2 connection for the sampler's hot path.
-
-    redis-py spends ~5 us of Python per pipelined command; a batch is 256 GETRANGEs, so the
-    sampler packs the whole batch into one write and parses the replies with hiredis (C).
-    Measured: 256 GETRANGEs of 35 KB, 73-88k ranges/s here versus 11-16k/s from a Lua script
-    returning the same ranges (each range is copied into a Lua string and back), and 2 KB ranges
-    at 270-330k/s. Errors in single replies come back as ``hiredis.ReplyError`` values.
-    """
-
-    def __init__(self, url: str, password: str = "", timeout: float = 5.0) -> None:
-        import hiredis
-
-        self._hiredis = hiredis
-        self.url = url
-        params = redis.connection.parse_url(url)
-        self._timeout = timeout
-        try:
-            if "path" in params:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(timeout)
-                sock.connect(params["path"])
-            else:
-                sock = socket.create_connection((params.get("host", "localhost"), params.get("port", 6379)), timeout)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if url.startswith("rediss://"):
-                    import ssl
-
-                    sock = ssl.create_default_context().wrap_socket(sock, server_hostname=params.get("host"))
-        except OSError as exc:
-            raise ShardUnavailable(f"shard {redact(url)} is unreachable: {exc}") from None
-        self._sock = sock
-        self._reader = hiredis.Reader()
-        setup: list[bytes] = []
-        pw = params.get("password") or password
-        if pw:
-            user = params.get("username")
-            setup.append(_pack("AUTH", user, pw) if user else _pack("AUTH", pw))
-        if params.get("db"):
-            setup.append(_pack("SELECT", int(params["db"])))
-        if setup:
-            for reply in self.execute(b"".join(setup), len(setup)):
-                if isinstance(reply, hiredis.ReplyError):
-                    self.close()
-                    raise ShardAuthError(f"shard {redact(url)}: {reply}; check replay.password or the URL")
-
-    def send(self, payload: bytes) -> None:
-        try:
-            self._sock.sendall(payload)
-        except OSError as exc:
-            self.close()
-            raise ShardUnavailable(f"shard {redact(self.url)}: {exc}") from None
-
-    def recv(self, count: int) -> list[Any]:
-        """Read ``count`` replies of commands sent before."""
-        try:
-            out: list[Any] = []
-            reader = self._reader
-            while len(out) < count:
-                reply = reader.gets()
-                if reply is False:
-                    chunk = self._sock.recv(1 << 20)
-                    if not chunk:
-                        raise ConnectionError("connection closed by the server")
-                    reader.feed(chunk)
-                    continue
-                out.append(reply)
-            return out
-        except (OSError, self._hiredis.ProtocolError) as exc:
-            self.close()
-            raise ShardUnavailable(f"shard {redact(self.url)}: {exc}") from None
-
-    def execute(self, payload: bytes, count: int) -> list[Any]:
-        """Send pipelined commands and read ``count`` replies (one round trip)."""
-        self.send(payload)
-        return self.recv(count)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._sock.close()
 
 
 @dataclass
@@ -550,7 +323,7 @@ class ShardClient:
         if not seqs:
             return []
         payload = b"".join(
-            _pack("GETRANGE", segment_key(epoch, s), 0, index_size(n) - 1) for s, n in zip(seqs, lengths, strict=True)
+            pack("GETRANGE", segment_key(epoch, s), 0, index_size(n) - 1) for s, n in zip(seqs, lengths, strict=True)
         )
         return self._execute(payload, len(seqs))
 
@@ -573,8 +346,8 @@ class ShardClient:
                 % (len(key), key, len(sa), sa, len(sb), sb)
             )
         if report_sampled:
-            parts.append(_pack("INCRBY", K_SAMPLED, report_sampled))
-        parts.append(_pack("MGET", *_STAT_KEYS))
+            parts.append(pack("INCRBY", K_SAMPLED, report_sampled))
+        parts.append(pack("MGET", *_STAT_KEYS))
         try:
             self.raw().send(b"".join(parts))
         except ShardUnavailable:

@@ -11,10 +11,16 @@ from dataclasses import dataclass
 from common.metrics import Latency
 from common.schema import Segment
 from replay_service.codec import FrameCodec, encode_segment
-from replay_service.ratelimit import SampleToInsertRatio
-from replay_service.shards import ShardAuthError, ShardClient, ShardHealth, ShardUnavailable, check_shards_at_start
+from replay_service.errors import ShardAuthError, ShardUnavailable
+from replay_service.ratelimit import SampleToInsertRatio, poll_counters
+from replay_service.shards import ShardClient, ShardHealth, ShardStats, check_shards_at_start
 
 log = logging.getLogger(__name__)
+
+# Metric keys the control plane reads (run totals and progress).
+BYTES_TOTAL = "replay_writer/bytes_total"
+TRANSITIONS_TOTAL = "replay_writer/transitions_total"
+DROPPED_TRANSITIONS_TOTAL = "replay_writer/dropped_transitions_total"
 
 
 @dataclass
@@ -35,7 +41,7 @@ class ReplayWriter:
     Shards are chosen round-robin, starting at an offset per writer so that writers spread
     over shards from their first segment on. A shard that fails is skipped (its share goes to
     the others) and retried with backoff; when every shard is down the segment is dropped and
-    counted, the collector keeps running (DESIGN.md: a lost shard costs its data, never the run).
+    counted, the collector keeps running: a lost shard costs its data, never the run.
 
     With ``samples_per_insert > 0``, :meth:`write` waits while the collectors are more than the
     tolerance ahead of the learner (see ratelimit.py).
@@ -87,17 +93,14 @@ class ReplayWriter:
         return sum(c.inserted_all for c in live), sum(c.sampled_all for c in live)
 
     def _refresh_counters(self) -> None:
-        for i, (client, health) in enumerate(zip(self.shards, self.health, strict=True)):
-            if not health.available():
-                continue
-            try:
-                stats = client.stats()
-            except ShardUnavailable as exc:
-                health.failed(exc)
-                continue
-            health.succeeded()
-            self._counters[i].inserted_all = stats.inserted_total
-            self._counters[i].sampled_all = stats.sampled_total
+        poll_counters(self.shards, self.health, self._polled, self._lost)
+
+    def _polled(self, i: int, stats: ShardStats) -> None:
+        self._counters[i].inserted_all = stats.inserted_total
+        self._counters[i].sampled_all = stats.sampled_total
+
+    def _lost(self, i: int, exc: BaseException) -> None:
+        self.health[i].failed(exc)
 
     def _wait_for_learner(self) -> None:
         if not self.limiter.enabled or self.limiter.can_insert(*self._totals()):
@@ -171,12 +174,12 @@ class ReplayWriter:
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {
             "replay_writer/segments_total": self.segments_total,
-            "replay_writer/transitions_total": self.transitions_total,
-            "replay_writer/bytes_total": self.bytes_total,
+            TRANSITIONS_TOTAL: self.transitions_total,
+            BYTES_TOTAL: self.bytes_total,
             "replay_writer/evicted_transitions_total": self.evicted_total,
             **self.insert_latency.metrics(),
             "replay_writer/dropped_segments_total": self.dropped_segments_total,
-            "replay_writer/dropped_transitions_total": self.dropped_transitions_total,
+            DROPPED_TRANSITIONS_TOTAL: self.dropped_transitions_total,
             "replay_writer/rate_limit_wait_seconds_total": self.rate_limit_wait_seconds_total,
             "replay_writer/rate_limited_total": self.rate_limited_total,
             "replay_writer/shards_up": sum(h.up for h in self.health),

@@ -11,7 +11,7 @@ import pytest
 # highway-env renders blank frames under SDL's dummy driver; offscreen renders for real.
 os.environ["SDL_VIDEODRIVER"] = "offscreen"
 
-from replay_service.shards import RedisShardProcess
+from replay_service.launcher import RedisShardProcess
 from tests.s3server import S3Endpoint
 
 

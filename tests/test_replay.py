@@ -15,12 +15,12 @@ import redis
 from common.config import ConfigError, load_config
 from common.schema import ACTION_DIM, FRAME_SHAPE, STACK, VECTOR_DIM, Segment
 from replay_service.codec import FrameCodec, decode_segment, encode_segment, parse_index
+from replay_service.errors import ShardAuthError
+from replay_service.launcher import RedisShardProcess
 from replay_service.ratelimit import RateLimitConfigError, SampleToInsertRatio
 from replay_service.sampler import ReplaySampler, SampleError
 from replay_service.shards import (
     K_EPOCH,
-    RedisShardProcess,
-    ShardAuthError,
     ShardClient,
     ShardSet,
     check_shard,

@@ -1,5 +1,7 @@
-"""Races in the threaded replay sampler (issue 9, part 6), each forced deterministically, and a
-threaded stress run against real redis-server shards that are killed and restarted.
+"""Races in the threaded replay sampler (a snapshot built while another thread replaced a
+shard's mirror; a counter poll resetting the connection a refresh was reading; a shard
+restarted under its old epoch), each forced deterministically, and a threaded stress run
+against real redis-server shards that are killed and restarted.
 
 The forced tests pause one thread inside the racy window (through a hook in numpy or the RESP
 connection, which both the old and the fixed code go through) and run the other side of the
@@ -18,8 +20,10 @@ import numpy as np
 import pytest
 import redis
 
+from replay_service.errors import ShardUnavailable
+from replay_service.launcher import RedisShardProcess
+from replay_service.resp import RespConnection
 from replay_service.sampler import ReplaySampler
-from replay_service.shards import RedisShardProcess, RespConnection, ShardUnavailable
 from replay_service.writer import ReplayWriter
 from tests.test_replay import make_segment
 

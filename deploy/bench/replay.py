@@ -32,8 +32,9 @@ import redis
 
 from common.schema import ACTION_DIM, FRAME_SHAPE, STACK, VECTOR_DIM, Segment
 from common.sysutil import tune_malloc_for_bulk_buffers
+from replay_service.launcher import RedisShardProcess
 from replay_service.sampler import ReplaySampler
-from replay_service.shards import K_BYTES, RedisShardProcess, connect
+from replay_service.shards import K_BYTES, connect
 from replay_service.writer import ReplayWriter
 
 SEGMENT_LENGTH = 64

@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from common.storage import StorageError
         from learner.checkpoint import CheckpointError
         from learner.loop import NonFiniteError
-        from replay_service.shards import ShardError
+        from replay_service.errors import ShardError
 
         if isinstance(exc, (CheckpointError, ShardError, NonFiniteError, StorageError)):
             print(f"convoy: {exc}", file=sys.stderr)
