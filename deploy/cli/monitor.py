@@ -8,6 +8,7 @@ so there is nothing else to configure. Ctrl-C stops it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -19,7 +20,9 @@ import urllib.request
 from pathlib import Path
 from typing import TextIO
 
-MONITORING = Path(__file__).resolve().parent / "monitoring"
+from deploy.cli.base import CommandFailed, Subparsers, positive_int
+
+MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
 PROMETHEUS_CONFIG = MONITORING / "prometheus.yml"
 SHIPPED_SD_FILE = "/tmp/ray/prom_metrics_service_discovery.json"
 INSTALL_HINT = (
@@ -33,6 +36,23 @@ INSTALL_HINT = (
 
 class MonitorError(RuntimeError):
     pass
+
+
+def register(sub: Subparsers) -> None:
+    mo = sub.add_parser("monitor", help="run Prometheus for the local Ray cluster (deploy/monitoring/prometheus.yml)")
+    mo.add_argument("--port", type=positive_int, default=9090, help="Prometheus listen port (default 9090)")
+    mo.add_argument("--host", default="127.0.0.1", help="Prometheus listen address (default 127.0.0.1)")
+    mo.add_argument("--data", default="runs/prometheus", metavar="D", help="Prometheus data (default: runs/prometheus)")
+    mo.add_argument("--ray-temp-dir", default=None, metavar="DIR", help="Ray's temp dir (default $RAY_TMPDIR or /tmp)")
+    mo.add_argument("--scrape-interval", default=None, metavar="DUR", help="e.g. 2s (default: the shipped 10s)")
+    mo.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    try:
+        return monitor(args.port, args.host, args.data, args.ray_temp_dir, args.scrape_interval)
+    except MonitorError as exc:
+        raise CommandFailed(str(exc)) from exc
 
 
 def ray_sd_file(ray_temp_dir: str | None = None) -> str:
