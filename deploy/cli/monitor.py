@@ -103,6 +103,43 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> No
     raise MonitorError(f"prometheus did not become ready at {url} within {timeout_s:.0f} s")
 
 
+def _print_banner(url: str, sd_file: str, out: TextIO) -> None:
+    print(f"Prometheus: {url}  (config {PROMETHEUS_CONFIG}; Ray service discovery {sd_file})", file=out)
+    if not Path(sd_file).exists():
+        print(
+            f"  no Ray cluster here yet ({sd_file} does not exist): targets appear when `convoy train` "
+            "(or `ray start --head`) starts one",
+            file=out,
+        )
+    print(f"  targets: {url}/targets   example query: rate(ray_convoy_collector_env_steps_total[1m])", file=out)
+    print(grafana_help(url), file=out)
+    print("Ctrl-C stops Prometheus.", file=out, flush=True)
+
+
+def _run_until_stopped(cmd: list[str], url: str, sd_file: str, out: TextIO) -> int:
+    """Run Prometheus in the foreground; SIGTERM and Ctrl-C stop it, and it never outlives us."""
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        _wait_ready(url, proc, timeout_s=60)
+        _print_banner(url, sd_file, out)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait(timeout=30)
+            return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def monitor(
     port: int = 9090,
     host: str = "127.0.0.1",
@@ -131,34 +168,6 @@ def monitor(
             f"--web.listen-address={host}:{port}",
             "--log.level=warn",
         ]
-        proc = subprocess.Popen(cmd)
-        previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
-        try:
-            _wait_ready(url, proc, timeout_s=60)
-            print(f"Prometheus: {url}  (config {PROMETHEUS_CONFIG}; Ray service discovery {sd_file})", file=out)
-            if not Path(sd_file).exists():
-                print(
-                    f"  no Ray cluster here yet ({sd_file} does not exist): targets appear when `convoy train` "
-                    "(or `ray start --head`) starts one",
-                    file=out,
-                )
-            print(f"  targets: {url}/targets   example query: rate(ray_convoy_collector_env_steps_total[1m])", file=out)
-            print(grafana_help(url), file=out)
-            print("Ctrl-C stops Prometheus.", file=out, flush=True)
-            try:
-                return proc.wait()
-            except KeyboardInterrupt:
-                proc.terminate()
-                proc.wait(timeout=30)
-                return 0
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        return _run_until_stopped(cmd, url, sd_file, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
