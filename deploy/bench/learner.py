@@ -182,19 +182,10 @@ class StraightforwardTD3:
 # ----- the benchmark -------------------------------------------------------------------------
 
 
-def run(
-    device: str,
-    batch_size: int,
-    min_seconds: float,
-    overrides: Sequence[str] = (),
-    frames_steps: int = 3000,
-    replay_transitions: int = 20_000,
-) -> dict[str, object]:
-    from deploy.run.driver import source_factory
-    from replay_service.shards import ShardSet
-    from replay_service.writer import ReplayWriter
-
-    cfg = load_config(
+def _bench_config(device: str, batch_size: int, replay_transitions: int, overrides: Sequence[str]) -> ConvoyConfig:
+    """The default config with no warm-up, no rate limiter, and checkpoints and weight
+    publishing pushed out of the measured window."""
+    return load_config(
         None,
         [
             f"learner.device={device}",
@@ -207,71 +198,121 @@ def run(
             *overrides,
         ],
     )
-    dev = torch.device(
-        cfg.learner.device if cfg.learner.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    cuda = dev.type == "cuda"
-    on_gpu = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    chunk = 20 if cuda else 2
-    warmup = 30 if cuda else 3
 
-    _say(f"recording {frames_steps} embedded-simulator steps ...")
-    segments = record_segments(frames_steps, cfg.collector.segment_length, seed=cfg.run.seed)
-    baseline_n = 4096 if cuda else 2048
-    data = _transitions(segments, max(batch_size * 4, baseline_n))
 
-    # Synthetic: the same learner loop on batches already on the device (prepared once), so
-    # fed_ratio isolates what the replay path costs.
-    _say("synthetic: convoy learner on in-memory device batches ...")
+class _Timing:
+    """How one figure is timed on ``dev``: updates per chunk, warm-up updates, and the
+    device synchronisation that makes a chunk's time include its GPU work."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev = dev
+        self.cuda = dev.type == "cuda"
+        self.chunk = 20 if self.cuda else 2
+        self.warmup = 30 if self.cuda else 3
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+
+
+def _synthetic_rate(cfg: ConvoyConfig, data: dict[str, np.ndarray], timing: _Timing, min_seconds: float) -> float:
+    """The learner loop on batches already on the device (prepared once), so fed_ratio
+    isolates what the replay path costs."""
     with tempfile.TemporaryDirectory(prefix="convoy-bench-") as tmp:
-        synthetic_source = DeviceBatches(cfg, data, dev)
+        synthetic_source = DeviceBatches(cfg, data, timing.dev)
         learner = Learner(cfg, synthetic_source, tmp)
         synthetic_source.prepare_with(learner.agent)
 
         def synthetic(n: int) -> None:
             learner.train(n)
-            on_gpu()
+            timing.sync()
 
-        synthetic_rate = _rate(synthetic, chunk, min_seconds, 4 * chunk, warmup)
+        rate = _rate(synthetic, timing.chunk, min_seconds, 4 * timing.chunk, timing.warmup)
         learner.close()
-    _say(f"  {synthetic_rate:.2f} updates/s")
+    return rate
 
-    # Fed: convoy's learner through the real writer, shard and sampler.
-    _say(f"fed: filling a redis-server shard with {replay_transitions} transitions ...")
+
+def _fill_replay(cfg: ConvoyConfig, urls: list[str], segments: Sequence[Segment], transitions: int) -> None:
+    from replay_service.writer import ReplayWriter
+
+    writer = ReplayWriter(urls, cfg.replay.capacity, cfg.replay.codec)
+    written, i = 0, 0
+    while written < transitions:
+        writer.write(segments[i % len(segments)])
+        written += segments[i % len(segments)].num_transitions
+        i += 1
+    writer.close()
+
+
+def _fed_rate(
+    cfg: ConvoyConfig, segments: Sequence[Segment], timing: _Timing, min_seconds: float, replay_transitions: int
+) -> tuple[float, dict[str, float]]:
+    """Convoy's learner through the real writer, shard and sampler; (updates/s, sampler metrics)."""
+    from deploy.run.placement import source_factory
+    from replay_service.shards import ShardSet
+
     with ShardSet(num_shards=1, executable=cfg.replay.redis_server) as shards:
-        writer = ReplayWriter(shards.urls, cfg.replay.capacity, cfg.replay.codec)
-        written, i = 0, 0
-        while written < replay_transitions:
-            writer.write(segments[i % len(segments)])
-            written += segments[i % len(segments)].num_transitions
-            i += 1
-        writer.close()
-        source = source_factory(cfg, shards.urls, pin_memory=cuda)()
+        _fill_replay(cfg, shards.urls, segments, replay_transitions)
+        source = source_factory(cfg, shards.urls, pin_memory=timing.cuda)()
         with tempfile.TemporaryDirectory(prefix="convoy-bench-") as tmp:
             learner = Learner(cfg, source, tmp)
 
             def fed(n: int) -> None:
                 learner.train(n)
-                on_gpu()
+                timing.sync()
 
-            fed_rate = _rate(fed, chunk, min_seconds, 4 * chunk, warmup)
+            rate = _rate(fed, timing.chunk, min_seconds, 4 * timing.chunk, timing.warmup)
             sampler_metrics = source.metrics()
             learner.close()
-    _say(f"  {fed_rate:.2f} updates/s")
+    return rate, sampler_metrics
 
-    _say("baseline: straightforward TD3 with a float32 dict replay buffer ...")
-    baseline = StraightforwardTD3(cfg, data, dev)
+
+def _baseline_rate(
+    cfg: ConvoyConfig, data: dict[str, np.ndarray], timing: _Timing, min_seconds: float, batch_size: int
+) -> float:
+    baseline = StraightforwardTD3(cfg, data, timing.dev)
 
     def base(n: int) -> None:
         for _ in range(n):
             baseline.train_step(batch_size)
-        on_gpu()
+        timing.sync()
 
-    baseline_rate = _rate(base, chunk, min_seconds, 2 * chunk, warmup)
+    return _rate(base, timing.chunk, min_seconds, 2 * timing.chunk, timing.warmup)
+
+
+def run(
+    device: str,
+    batch_size: int,
+    min_seconds: float,
+    overrides: Sequence[str] = (),
+    frames_steps: int = 3000,
+    replay_transitions: int = 20_000,
+) -> dict[str, object]:
+    cfg = _bench_config(device, batch_size, replay_transitions, overrides)
+    dev = torch.device(
+        cfg.learner.device if cfg.learner.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    timing = _Timing(dev)
+
+    _say(f"recording {frames_steps} embedded-simulator steps ...")
+    segments = record_segments(frames_steps, cfg.collector.segment_length, seed=cfg.run.seed)
+    baseline_n = 4096 if timing.cuda else 2048
+    data = _transitions(segments, max(batch_size * 4, baseline_n))
+
+    _say("synthetic: convoy learner on in-memory device batches ...")
+    synthetic_rate = _synthetic_rate(cfg, data, timing, min_seconds)
+    _say(f"  {synthetic_rate:.2f} updates/s")
+
+    _say(f"fed: filling a redis-server shard with {replay_transitions} transitions ...")
+    fed_rate, sampler_metrics = _fed_rate(cfg, segments, timing, min_seconds, replay_transitions)
+    _say(f"  {fed_rate:.2f} updates/s")
+
+    _say("baseline: straightforward TD3 with a float32 dict replay buffer ...")
+    baseline_rate = _baseline_rate(cfg, data, timing, min_seconds, batch_size)
     _say(f"  {baseline_rate:.2f} updates/s")
     return {
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
+        "device_name": torch.cuda.get_device_name(dev) if timing.cuda else "cpu",
         "batch_size": batch_size,
         "encoder": cfg.learner.encoder,
         "precision": cfg.learner.precision,

@@ -127,6 +127,71 @@ class _Tee(io.TextIOBase):
         sys.stderr.flush()
 
 
+def _run_config(
+    config_path: str,
+    overrides: Sequence[str],
+    collectors: int,
+    seed: int,
+    env_steps: int,
+    eval_every: int,
+    eval_episodes: int,
+    max_seconds: float,
+    run_dir: Path,
+) -> ConvoyConfig:
+    """The config of one run: the user's overrides, then the bench's budget, seed and output
+    (which no override may change), evaluations every ``eval_every`` env steps."""
+    cfg = load_config(
+        config_path,
+        [
+            "run.metrics=false",
+            f"run.eval_episodes={eval_episodes}",
+            *overrides,
+            f"collector.num_collectors={collectors}",
+            f"run.seed={seed}",
+            f"run.total_env_steps={env_steps}",
+            f"run.max_seconds={max_seconds}",
+            f"run.out_dir={run_dir}",
+        ],
+    )
+    return cfg.replace(f"run.eval_every_updates={eval_every_updates(cfg, eval_every)}")
+
+
+def _run_record(
+    collectors: int, seed: int, summary: dict[str, Any], history: list[dict[str, Any]], target: float
+) -> dict[str, Any]:
+    """One run's line of the report: its figures from the evaluations, and the driver's summary."""
+    figures = summarize_run(history, target)
+    _say(
+        f"  -> steps_to_target {figures['steps_to_target']}, seconds_to_target {figures['seconds_to_target']}, "
+        f"final route_completion {figures['final_route_completion']:.3f}, "
+        f"success {figures['final_success_rate']:.2f}, return {figures['final_return']:.2f}"
+    )
+    return {
+        "collectors": collectors,
+        "seed": seed,
+        **figures,
+        "exit_reason": summary.get("exit_reason"),
+        "wall_seconds": summary.get("bench_wall_seconds"),
+        "env_steps_per_s": summary.get("env_steps_per_s"),
+        "updates": summary.get("updates"),
+        "samples_per_insert": summary.get("samples_per_insert"),
+    }
+
+
+def _by_collectors(runs: list[dict[str, Any]], collectors: Sequence[int]) -> dict[str, dict[str, float | None]]:
+    """Wall-clock scaling with collectors: per count, the median seconds to the target (or to
+    the end of the budget), wall seconds and final route completion."""
+    by_count = {}
+    for n in collectors:
+        rs = [r for r in runs if r["collectors"] == n]
+        by_count[str(n)] = {
+            "median_seconds_to_target": _median([r["seconds_to_target"] for r in rs]),
+            "median_wall_seconds": _median([r["wall_seconds"] for r in rs]),
+            "median_final_route_completion": _median([r["final_route_completion"] for r in rs]),
+        }
+    return by_count
+
+
 def run(
     config: str | None,
     overrides: Sequence[str],
@@ -150,41 +215,13 @@ def run(
     for n in collectors:
         for seed in range(seeds):
             run_dir = root / f"c{n}-s{seed}"
-            cfg = load_config(
-                config_path,
-                [
-                    "run.metrics=false",
-                    f"run.eval_episodes={eval_episodes}",
-                    *overrides,
-                    f"collector.num_collectors={n}",
-                    f"run.seed={seed}",
-                    f"run.total_env_steps={env_steps}",
-                    f"run.max_seconds={max_seconds}",
-                    f"run.out_dir={run_dir}",
-                ],
+            cfg = _run_config(
+                config_path, overrides, n, seed, env_steps, eval_every, eval_episodes, max_seconds, run_dir
             )
-            cfg = cfg.replace(f"run.eval_every_updates={eval_every_updates(cfg, eval_every)}")
             limit = f" or {max_seconds:g} s" if max_seconds else ""
             _say(f"run collectors={n} seed={seed}: {env_steps} env steps{limit}, log {run_dir}.log")
             summary, history = run_one(cfg, Path(f"{run_dir}.log"))
-            figures = summarize_run(history, target)
-            runs.append(
-                {
-                    "collectors": n,
-                    "seed": seed,
-                    **figures,
-                    "exit_reason": summary.get("exit_reason"),
-                    "wall_seconds": summary.get("bench_wall_seconds"),
-                    "env_steps_per_s": summary.get("env_steps_per_s"),
-                    "updates": summary.get("updates"),
-                    "samples_per_insert": summary.get("samples_per_insert"),
-                }
-            )
-            _say(
-                f"  -> steps_to_target {figures['steps_to_target']}, seconds_to_target {figures['seconds_to_target']}, "
-                f"final route_completion {figures['final_route_completion']:.3f}, "
-                f"success {figures['final_success_rate']:.2f}, return {figures['final_return']:.2f}"
-            )
+            runs.append(_run_record(n, seed, summary, history, target))
     first = [r for r in runs if r["collectors"] == collectors[0]]
     result: dict[str, Any] = {
         "runs": runs,
@@ -207,18 +244,8 @@ def run(
         "overrides": list(overrides),
         "out_dir": str(root),
     }
-    # Wall-clock scaling with collectors: median seconds to the target (or to the end of the
-    # budget) of each count over the first count's.
     if len(collectors) > 1:
-        by_count = {}
-        for n in collectors:
-            rs = [r for r in runs if r["collectors"] == n]
-            by_count[str(n)] = {
-                "median_seconds_to_target": _median([r["seconds_to_target"] for r in rs]),
-                "median_wall_seconds": _median([r["wall_seconds"] for r in rs]),
-                "median_final_route_completion": _median([r["final_route_completion"] for r in rs]),
-            }
-        result["by_collectors"] = by_count
+        result["by_collectors"] = _by_collectors(runs, collectors)
     return result
 
 

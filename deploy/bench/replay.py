@@ -165,7 +165,9 @@ def _interleaved_rates(a: Callable[[], int], b: Callable[[], int], seconds: floa
     return float(np.median(ra)), float(np.median(rb))
 
 
-def run(frames_kind: str, segments: int, seconds: float, repeats: int, threads: int) -> dict[str, float | str]:
+def _frame_source(frames_kind: str) -> Callable[[int, int], np.ndarray]:
+    """``frames(i, n)``: ``n`` frames for segment ``i``, cycled from recorded embedded-simulator
+    frames or drawn as uniform noise."""
     if frames_kind == "embedded":
         _progress("recording frames from the embedded simulator")
         pool = record_embedded_frames()
@@ -179,7 +181,31 @@ def run(frames_kind: str, segments: int, seconds: float, repeats: int, threads: 
         def frames(i: int, n: int) -> np.ndarray:
             return rng.integers(0, 256, (n, *FRAME_SHAPE), dtype=np.uint8)
 
-    segs = make_segments(frames, segments)
+    return frames
+
+
+def _sample_rates(
+    url: str, naive: NaiveDictReplay, brng: np.random.Generator, seconds: float, repeats: int, threads: int
+) -> tuple[float, float, float]:
+    """(convoy's sampler, the baseline) transitions/s and the sampler's corrupt count."""
+    _progress(
+        f"sampling batches of {BATCH} ({threads} sampler threads, one consumer), alternating "
+        f"{repeats} windows of {seconds:g}s with the baseline"
+    )
+    sampler = ReplaySampler([url], BATCH, prefetch=8, threads=threads, index_refresh_s=1.0)
+    try:
+        next(sampler)
+        sample_rate, baseline_rate = _interleaved_rates(
+            lambda: next(sampler).size, lambda: len(naive.sample(brng, BATCH)["reward"]), seconds, repeats
+        )
+        corrupt = sampler.metrics()["replay_sampler/corrupt_total"]
+    finally:
+        sampler.close()
+    return sample_rate, baseline_rate, corrupt
+
+
+def run(frames_kind: str, segments: int, seconds: float, repeats: int, threads: int) -> dict[str, float | str]:
+    segs = make_segments(_frame_source(frames_kind), segments)
     shard = RedisShardProcess()
     try:
         client = connect(shard.url)
@@ -200,20 +226,7 @@ def run(frames_kind: str, segments: int, seconds: float, repeats: int, threads: 
         naive.fill(segs, limit=min(transitions, 8192))
         brng = np.random.default_rng(2)
         naive.sample(brng, BATCH)
-
-        _progress(
-            f"sampling batches of {BATCH} ({threads} sampler threads, one consumer), alternating "
-            f"{repeats} windows of {seconds:g}s with the baseline"
-        )
-        sampler = ReplaySampler([shard.url], BATCH, prefetch=8, threads=threads, index_refresh_s=1.0)
-        try:
-            next(sampler)
-            sample_rate, baseline_rate = _interleaved_rates(
-                lambda: next(sampler).size, lambda: len(naive.sample(brng, BATCH)["reward"]), seconds, repeats
-            )
-            corrupt = sampler.metrics()["replay_sampler/corrupt_total"]
-        finally:
-            sampler.close()
+        sample_rate, baseline_rate, corrupt = _sample_rates(shard.url, naive, brng, seconds, repeats, threads)
         client.close()
     finally:
         shard.stop()

@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from common.storage import redact
-from learner.checkpoint import MANIFEST, CheckpointError, CheckpointInfo, pull_checkpoint, scan_checkpoints
+from deploy.cli.base import Subparsers
+
+if TYPE_CHECKING:
+    from learner.checkpoint import CheckpointInfo
+
+
+def register(sub: Subparsers) -> None:
+    ck = sub.add_parser("checkpoints", help="list or pull a run's checkpoints (also while it trains)")
+    ck_sub = ck.add_subparsers(dest="checkpoints_command", required=True)
+    ckl = ck_sub.add_parser("list", help="complete checkpoints of a run: name, updates, env steps, time, size")
+    ckl.add_argument("run", metavar="RUN", help="run storage URI (run.out_dir): a local path, s3://, gs://, file://")
+    ckl.add_argument("--json", action="store_true", help="print a JSON list on stdout")
+    ckl.set_defaults(func=_list)
+    ckp = ck_sub.add_parser("pull", help="download a checkpoint and verify every sha256 against its manifest")
+    ckp.add_argument("run", metavar="RUN", help="run storage URI (run.out_dir), or a checkpoint URI")
+    ckp.add_argument("--checkpoint", default="latest", metavar="NAME", help="latest (default), best, or ckpt-<updates>")
+    ckp.add_argument(
+        "--to", required=True, metavar="DIR", help="local target: DIR/<name> if DIR is a directory, else DIR itself"
+    )
+    ckp.set_defaults(func=_pull)
+
+
+def _list(args: argparse.Namespace) -> int:
+    return list_command(args.run, args.json)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    return pull_command(args.run, args.checkpoint, args.to)
 
 
 def _size(n: int) -> str:
@@ -52,6 +79,9 @@ def format_table(infos: list[CheckpointInfo]) -> str:
 
 
 def list_command(run: str, as_json: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    from common.storage import redact
+    from learner.checkpoint import CheckpointError, scan_checkpoints
+
     try:
         infos, incomplete = scan_checkpoints(run)
     except OSError as exc:  # unreachable store, no permission, missing bucket...
@@ -71,6 +101,9 @@ def list_command(run: str, as_json: bool, out: TextIO = sys.stdout, err: TextIO 
 
 
 def pull_command(run: str, name: str, to: str, out: TextIO = sys.stdout) -> int:
+    from common.storage import redact
+    from learner.checkpoint import MANIFEST, CheckpointError, pull_checkpoint
+
     try:
         target = pull_checkpoint(run, name, Path(to))
     except OSError as exc:

@@ -3,17 +3,38 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
-import yaml
+from deploy.cli.base import Subparsers, positive_int
 
-from actors.envs import make_env
-from actors.evaluator import Evaluator
-from common.config import from_dict
-from learner.checkpoint import load_checkpoint, resolve_checkpoint
+
+def register(sub: Subparsers) -> None:
+    e = sub.add_parser("evaluate", help="run a checkpoint's deterministic policy")
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="URI",
+        help="a checkpoint, or a run (then --name picks one); a local path or a URI (s3://, gs://, file://)",
+    )
+    e.add_argument("--name", default="latest", help="in a run: latest (default), best, or ckpt-<updates>")
+    e.add_argument("--episodes", type=positive_int, default=5, help="evaluation episodes (>= 1)")
+    e.add_argument("--seed", type=int, default=1_000_003, help="seed of the first evaluation episode")
+    e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    result = evaluate(args.checkpoint, args.episodes, seed=args.seed, name=args.name)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+    return 0
 
 
 def evaluate(
@@ -29,6 +50,15 @@ def evaluate(
     or ``ckpt-<updates>``) picks one; any local path or fsspec URI (learner.checkpoint).
     Episode ``k`` resets with seed ``seed + k``.
     """
+    # Imported here: torch and the simulators would slow every other command's start.
+    import torch
+    import yaml
+
+    from actors.envs import make_env
+    from actors.evaluator import Evaluator
+    from common.config import from_dict
+    from learner.checkpoint import load_checkpoint, resolve_checkpoint
+
     if episodes < 1:
         raise ValueError(f"--episodes={episodes}: must be >= 1")
     path = resolve_checkpoint(checkpoint, name)

@@ -8,6 +8,7 @@ so there is nothing else to configure. Ctrl-C stops it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -19,7 +20,9 @@ import urllib.request
 from pathlib import Path
 from typing import TextIO
 
-MONITORING = Path(__file__).resolve().parent / "monitoring"
+from deploy.cli.base import CommandFailed, Subparsers, positive_int
+
+MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
 PROMETHEUS_CONFIG = MONITORING / "prometheus.yml"
 SHIPPED_SD_FILE = "/tmp/ray/prom_metrics_service_discovery.json"
 INSTALL_HINT = (
@@ -33,6 +36,23 @@ INSTALL_HINT = (
 
 class MonitorError(RuntimeError):
     pass
+
+
+def register(sub: Subparsers) -> None:
+    mo = sub.add_parser("monitor", help="run Prometheus for the local Ray cluster (deploy/monitoring/prometheus.yml)")
+    mo.add_argument("--port", type=positive_int, default=9090, help="Prometheus listen port (default 9090)")
+    mo.add_argument("--host", default="127.0.0.1", help="Prometheus listen address (default 127.0.0.1)")
+    mo.add_argument("--data", default="runs/prometheus", metavar="D", help="Prometheus data (default: runs/prometheus)")
+    mo.add_argument("--ray-temp-dir", default=None, metavar="DIR", help="Ray's temp dir (default $RAY_TMPDIR or /tmp)")
+    mo.add_argument("--scrape-interval", default=None, metavar="DUR", help="e.g. 2s (default: the shipped 10s)")
+    mo.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    try:
+        return monitor(args.port, args.host, args.data, args.ray_temp_dir, args.scrape_interval)
+    except MonitorError as exc:
+        raise CommandFailed(str(exc)) from exc
 
 
 def ray_sd_file(ray_temp_dir: str | None = None) -> str:
@@ -83,6 +103,43 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> No
     raise MonitorError(f"prometheus did not become ready at {url} within {timeout_s:.0f} s")
 
 
+def _print_banner(url: str, sd_file: str, out: TextIO) -> None:
+    print(f"Prometheus: {url}  (config {PROMETHEUS_CONFIG}; Ray service discovery {sd_file})", file=out)
+    if not Path(sd_file).exists():
+        print(
+            f"  no Ray cluster here yet ({sd_file} does not exist): targets appear when `convoy train` "
+            "(or `ray start --head`) starts one",
+            file=out,
+        )
+    print(f"  targets: {url}/targets   example query: rate(ray_convoy_collector_env_steps_total[1m])", file=out)
+    print(grafana_help(url), file=out)
+    print("Ctrl-C stops Prometheus.", file=out, flush=True)
+
+
+def _run_until_stopped(cmd: list[str], url: str, sd_file: str, out: TextIO) -> int:
+    """Run Prometheus in the foreground; SIGTERM and Ctrl-C stop it, and it never outlives us."""
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        _wait_ready(url, proc, timeout_s=60)
+        _print_banner(url, sd_file, out)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait(timeout=30)
+            return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def monitor(
     port: int = 9090,
     host: str = "127.0.0.1",
@@ -111,34 +168,6 @@ def monitor(
             f"--web.listen-address={host}:{port}",
             "--log.level=warn",
         ]
-        proc = subprocess.Popen(cmd)
-        previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
-        try:
-            _wait_ready(url, proc, timeout_s=60)
-            print(f"Prometheus: {url}  (config {PROMETHEUS_CONFIG}; Ray service discovery {sd_file})", file=out)
-            if not Path(sd_file).exists():
-                print(
-                    f"  no Ray cluster here yet ({sd_file} does not exist): targets appear when `convoy train` "
-                    "(or `ray start --head`) starts one",
-                    file=out,
-                )
-            print(f"  targets: {url}/targets   example query: rate(ray_convoy_collector_env_steps_total[1m])", file=out)
-            print(grafana_help(url), file=out)
-            print("Ctrl-C stops Prometheus.", file=out, flush=True)
-            try:
-                return proc.wait()
-            except KeyboardInterrupt:
-                proc.terminate()
-                proc.wait(timeout=30)
-                return 0
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        return _run_until_stopped(cmd, url, sd_file, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

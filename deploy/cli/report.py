@@ -7,12 +7,12 @@ second and learner updates per second.
 
 from __future__ import annotations
 
+import argparse
 import io
 import math
 from pathlib import Path
 
-from common import storage
-from deploy.run.curves import WALL_TAG, read_curves
+from deploy.cli.base import CommandFailed, Subparsers
 
 PANELS: list[tuple[str, list[tuple[str, str]]]] = [
     ("episode return", [("return/train", "training"), ("return/eval", "evaluation")]),
@@ -22,12 +22,30 @@ PANELS: list[tuple[str, list[tuple[str, str]]]] = [
 ]
 
 
+def register(sub: Subparsers) -> None:
+    rp = sub.add_parser("report", help="write a PNG of a run's learning curves (from RUN/tensorboard)")
+    rp.add_argument("run", metavar="RUN", help="run storage URI (run.out_dir): a local path, s3://, gs://, file://")
+    rp.add_argument("--out", default=None, metavar="PNG", help="where to write it (default RUN/curves.png)")
+    rp.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    try:
+        print(f"wrote {write_report(args.run, args.out)}")
+    except (FileNotFoundError, ValueError) as exc:
+        raise CommandFailed(str(exc)) from exc
+    return 0
+
+
 def write_report(run_uri: str | Path, out: str | Path | None = None) -> str:
     """Plot the curves of ``run_uri``; writes ``out`` (default ``<run>/curves.png``) and returns it."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+
+    from common import storage
+    from deploy.run.curves import WALL_TAG, read_curves
 
     curves = read_curves(run_uri)
     plotted = [tag for _, series in PANELS for tag, _ in series if curves.get(tag)]

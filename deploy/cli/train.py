@@ -1,0 +1,47 @@
+"""``convoy train``: a run from a config, or the continuation of one from its newest checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from common.config import load_config
+from deploy.cli.base import Subparsers
+from deploy.cli.config import default_config_path, load_run_config
+
+CPU_PROFILE_NOTE = (
+    "no CUDA GPU: using the CPU profile deploy/configs/local-cpu.yaml (vector-only lane following, which learns "
+    "within minutes on a few cores; pixels need a GPU: --config deploy/configs/local.yaml)"
+)
+
+
+def register(sub: Subparsers) -> None:
+    t = sub.add_parser("train", help="train on the configured simulator")
+    t.add_argument(
+        "--config",
+        default=None,
+        help="run config YAML (default: deploy/configs/local.yaml with a CUDA GPU, else the CPU profile "
+        "local-cpu.yaml)",
+    )
+    t.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run from its newest checkpoint (config from RUN_DIR/config.yaml unless --config)",
+    )
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.batch_size=128")
+    t.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Exit code 1 when the run gave up (a component kept failing), else 0."""
+    from deploy.run.driver import train
+
+    if args.resume:
+        cfg = load_config(args.config, args.overrides) if args.config else load_run_config(args.resume, args.overrides)
+        summary = train(cfg, resume=args.resume)
+    else:
+        config_path = args.config or default_config_path()
+        if config_path.endswith("local-cpu.yaml") and not args.config:
+            print(CPU_PROFILE_NOTE, flush=True)
+        summary = train(load_config(config_path, args.overrides))
+    return 1 if str(summary.get("exit_reason", "")).startswith("gave_up") else 0
