@@ -19,7 +19,6 @@ from common.config import ConvoyConfig
 from deploy.run.evaluation import EvalScheduler, format_eval
 from deploy.run.finish import close_actors, summarize
 from deploy.run.placement import Placement, make_control, place, ray_init_options
-from deploy.run.placement import source_factory as source_factory  # deploy.bench imports it from here
 from deploy.run.progress import Progress
 from deploy.run.resolve import resolve
 from deploy.run.supervisor import GiveUp, Supervisor
