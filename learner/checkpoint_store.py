@@ -4,11 +4,7 @@ manifest last. learner.checkpoint encodes the training state into these files.
 Layout under ``<run>/checkpoints/``::
 
     ckpt-<updates:010d>/
-        actor.safetensors critic.safetensors actor_target.safetensors critic_target.safetensors
-        optimizers.pt   optimizer state dicts, loaded with torch.load(weights_only=True)
-        rng.pt          torch RNG states (uint8 tensors), loaded the same way
-        state.json      counters, weight version, numpy RNG state
-        config.yaml     the resolved run config
+        the files learner.checkpoint writes (networks, optimizers, RNG, state.json, config.yaml)
         manifest.json   written last: every file's size and sha256, the counters, the time
     best.json           the checkpoint an evaluator found best, with its metrics (mark_best)
 
