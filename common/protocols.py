@@ -20,9 +20,12 @@ class SegmentSink(Protocol):
 
 @runtime_checkable
 class BatchSource(Protocol):
-    """An iterator of batches that also knows how many transitions it can draw from."""
+    """Batches for the learner, from a source that knows how many transitions it can draw from."""
 
-    def __next__(self) -> Batch: ...
+    def next_batch(self, timeout: float | None = None) -> Batch | None:
+        """The next batch, or None if none is ready within ``timeout`` seconds (a rate limiter
+        may hold the learner back); ``None`` waits as long as it takes."""
+        ...
 
     @property
     def size(self) -> int: ...

@@ -12,8 +12,10 @@ import torch
 from common.config import LearnerConfig
 from common.networks import Actor, Critic, set_encoder_precision
 from common.schema import ACTION_DIM, VECTOR_DIM, Batch
+from learner import metric_keys as keys
 from learner import td3
 from learner.augment import augment_batch
+from learner.state import AgentState
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,22 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16
     return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of a state dict's tensors on the CPU, detached from the live ones."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def snapshot_tree(obj: Any) -> Any:
+    """Deep copy of an optimizer state dict with every tensor copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [snapshot_tree(v) for v in obj]
+    return obj
 
 
 class TD3Agent:
@@ -169,8 +187,8 @@ class TD3Agent:
         self.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
         before, after = td3.clip_grad_norm(self.critic_params, cfg.critic_grad_clip)
-        metrics["critic/grad_norm"] = before
-        metrics["critic/grad_norm_clipped"] = after
+        metrics[keys.CRITIC_GRAD_NORM] = before
+        metrics[keys.CRITIC_GRAD_NORM_CLIPPED] = after
         if not bool(td3.all_finite(loss, before)):
             return self._skip("critic", metrics)
         self.critic_opt.step()
@@ -192,8 +210,8 @@ class TD3Agent:
             # Only the actor's parameters accumulate gradients from the actor loss.
             a_loss.backward(inputs=self.actor_params)
             before, after = td3.clip_grad_norm(self.actor_params, cfg.actor_grad_clip)
-            metrics["actor/grad_norm"] = before
-            metrics["actor/grad_norm_clipped"] = after
+            metrics[keys.ACTOR_GRAD_NORM] = before
+            metrics[keys.ACTOR_GRAD_NORM_CLIPPED] = after
             if not bool(td3.all_finite(a_loss, before)):
                 return self._skip("actor", metrics)
             self.actor_opt.step()
@@ -234,3 +252,27 @@ class TD3Agent:
         self.critic.load_state_dict(states["critic"])
         self.actor_target.load_state_dict(states["actor_target"])
         self.critic_target.load_state_dict(states["critic_target"])
+
+    def state(self) -> AgentState:
+        """A CPU snapshot of networks, targets, optimizers, counters and the torch RNG."""
+        rng: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return AgentState(
+            networks={k: snapshot(v) for k, v in self.state_dicts().items()},
+            optimizers=snapshot_tree({"actor": self.actor_opt.state_dict(), "critic": self.critic_opt.state_dict()}),
+            rng=rng,
+            updates=self.updates,
+            nonfinite_total=self.nonfinite_total,
+        )
+
+    def load_state(self, state: AgentState) -> None:
+        """Continue from ``state`` (as :meth:`state` returns it, possibly from another device)."""
+        self.load_state_dicts({k: {n: t.to(self.device) for n, t in v.items()} for k, v in state.networks.items()})
+        self.actor_opt.load_state_dict(state.optimizers["actor"])
+        self.critic_opt.load_state_dict(state.optimizers["critic"])
+        self.updates = state.updates
+        self.nonfinite_total = state.nonfinite_total
+        torch.set_rng_state(state.rng["torch"])
+        if "cuda" in state.rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state.rng["cuda"], self.device)

@@ -1,74 +1,83 @@
-"""Checkpoints on any run storage (a local path or an fsspec URI): files first, manifest last.
+"""Checkpoints of the training state: what each file of a checkpoint holds, and the
+conversion between a LearnerState and those files. learner.checkpoint_store commits, lists,
+verifies and prunes them on any run storage; its public names are importable from here too.
 
-Layout under ``<run>/checkpoints/``::
-
-    ckpt-<updates:010d>/
-        actor.safetensors critic.safetensors actor_target.safetensors critic_target.safetensors
-        optimizers.pt   optimizer state dicts, loaded with torch.load(weights_only=True)
-        rng.pt          torch RNG states (uint8 tensors), loaded the same way
-        state.json      counters, weight version, numpy RNG state
-        config.yaml     the resolved run config
-        manifest.json   written last: every file's size and sha256, the counters, the time
-    best.json           the checkpoint an evaluator found best, with its metrics (mark_best)
-
-A checkpoint exists for readers only once its manifest does; list, resolve, load and pull
-ignore the rest. Object stores have no rename, so there the files are uploaded into the
-final prefix and the manifest (one PUT, atomic) commits them. On a local filesystem the whole
-directory, manifest included, is written under ``.tmp-ckpt-...`` and renamed into place.
-
-Loading verifies the size and sha256 of every file it reads against the manifest (hashing
-is about 1 GB/s, small next to reading the bytes from object storage), so a corrupt or
-tampered file is an error naming that file, never silently loaded.
-
-Pruning keeps the newest ``keep`` complete checkpoints and the ``best`` one. Debris of a
-writer that died (files without a manifest) is removed once a newer checkpoint is complete;
-an incomplete checkpoint newer than the newest complete one may still be uploading, so it
-is left alone. Local staging directories carry a flock held by their writer, so only those
-of dead writers are removed.
+Files of one checkpoint: the four networks as safetensors; optimizer state dicts in
+``optimizers.pt`` and torch RNG states in ``rng.pt`` (both read back with
+``torch.load(weights_only=True)``); ``state.json`` with the counters, weight version and
+numpy RNG state; ``config.yaml`` with the resolved run config.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import io
 import json
 import logging
 import os
-import re
 import shutil
-import tempfile
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.storage import LocalStore, Store, basename, join, open_store, redact
+from common.storage import basename, open_store, redact
+from learner.checkpoint_store import (
+    BEST,
+    CHECKPOINTS,
+    FORMAT,
+    MANIFEST,
+    PREFIX,
+    CheckpointError,
+    CheckpointInfo,
+    best_checkpoint,
+    commit_checkpoint,
+    list_checkpoints,
+    mark_best,
+    prune,
+    read_manifest,
+    read_verified,
+    resolve_checkpoint,
+    scan_checkpoints,
+)
+from learner.state import AgentState, LearnerState
 
 if TYPE_CHECKING:
     import torch
 
+__all__ = [
+    "BEST",
+    "CHECKPOINTS",
+    "FORMAT",
+    "MANIFEST",
+    "NETWORKS",
+    "PREFIX",
+    "CheckpointData",
+    "CheckpointError",
+    "CheckpointInfo",
+    "best_checkpoint",
+    "from_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "mark_best",
+    "prune",
+    "pull_checkpoint",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "save_file",
+    "scan_checkpoints",
+    "to_checkpoint",
+]
+
 log = logging.getLogger(__name__)
 
-PREFIX = "ckpt-"
 NETWORKS = ("actor", "critic", "actor_target", "critic_target")
-CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.json"
-BEST = "best.json"
-FORMAT = 1
-_NAME = re.compile(rf"{PREFIX}(\d+)")
-# A manifest names plain files of its own directory, nothing that could point elsewhere.
-_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-_STAGING = f".tmp-{PREFIX}"
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was expected; the message says where and why."""
 
 
 @dataclass
 class CheckpointData:
+    """The contents of a checkpoint's files. ``state`` is state.json's object without
+    ``updates``, which is the checkpoint's name and is passed to save_checkpoint on its own."""
+
     networks: dict[str, dict[str, torch.Tensor]]
     optimizers: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -76,18 +85,37 @@ class CheckpointData:
     config_yaml: str = ""
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A complete checkpoint as its manifest describes it."""
+def to_checkpoint(state: LearnerState, config_yaml: str) -> CheckpointData:
+    """A learner's state as checkpoint contents (save it under ``state.agent.updates``)."""
+    return CheckpointData(
+        networks=state.agent.networks,
+        optimizers=state.agent.optimizers,
+        rng=state.agent.rng,
+        state={
+            "env_steps": state.env_steps,
+            "weights_version": state.weights_version,
+            "nonfinite_total": state.agent.nonfinite_total,
+            **({} if state.numpy_rng is None else {"numpy_rng": state.numpy_rng}),
+        },
+        config_yaml=config_yaml,
+    )
 
-    name: str
-    uri: str
-    updates: int
-    env_steps: int
-    weights_version: int
-    time: float  # unix seconds when it was committed
-    size_bytes: int
-    best: bool = False
+
+def from_checkpoint(data: CheckpointData) -> LearnerState:
+    """The learner's state in a fully loaded checkpoint; counters that older checkpoints lack
+    are 0, a missing numpy RNG state is None."""
+    return LearnerState(
+        agent=AgentState(
+            networks=data.networks,
+            optimizers=data.optimizers,
+            rng=data.rng,
+            updates=int(data.state["updates"]),
+            nonfinite_total=int(data.state.get("nonfinite_total", 0)),
+        ),
+        env_steps=int(data.state.get("env_steps", 0)),
+        weights_version=int(data.state.get("weights_version", 0)),
+        numpy_rng=data.state.get("numpy_rng"),
+    )
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str) -> None:
@@ -97,20 +125,8 @@ def save_file(tensors: dict[str, torch.Tensor], path: str) -> None:
     _save_file(tensors, path)
 
 
-def _updates_of(name: str) -> int:
-    m = _NAME.fullmatch(name)
-    return int(m.group(1)) if m else -1
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# ----- writing ---------------------------------------------------------------------------
-
-
-def _stage(directory: Path, updates: int, data: CheckpointData) -> dict[str, bytes]:
-    """Write the checkpoint's files into ``directory``; returns the manifest as bytes."""
+def _stage(directory: Path, updates: int, data: CheckpointData) -> None:
+    """Write the checkpoint's files (all but the manifest) into ``directory``."""
     import torch
 
     for name, state in data.networks.items():
@@ -119,62 +135,6 @@ def _stage(directory: Path, updates: int, data: CheckpointData) -> dict[str, byt
     torch.save(data.rng, directory / "rng.pt")
     (directory / "state.json").write_text(json.dumps({"updates": updates, **data.state}, indent=2, sort_keys=True))
     (directory / "config.yaml").write_text(data.config_yaml)
-    files: dict[str, bytes] = {}
-    for f in sorted(directory.iterdir()):
-        if f.name != MANIFEST and not f.name.startswith("."):
-            files[f.name] = f.read_bytes()
-    manifest = {
-        "format": FORMAT,
-        "name": f"{PREFIX}{updates:010d}",
-        "updates": updates,
-        "env_steps": int(data.state.get("env_steps", 0)),
-        "weights_version": int(data.state.get("weights_version", 0)),
-        "time": time.time(),
-        "files": {name: {"size": len(b), "sha256": _sha256(b)} for name, b in files.items()},
-    }
-    files[MANIFEST] = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    return files
-
-
-def _commit_local(store: LocalStore, name: str, updates: int, data: CheckpointData) -> None:
-    store.root.mkdir(parents=True, exist_ok=True)
-    staging = f"{_STAGING}{updates:010d}-{uuid.uuid4().hex[:8]}"
-    lock_path = store.path(staging + ".lock")
-    # The lock exists before the directory and is held until it is renamed: a pruner that
-    # can take it knows the writer is dead (the kernel drops the lock with the process).
-    with open(lock_path, "wb") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            tmp = store.path(staging)
-            tmp.mkdir()
-            files = _stage(tmp, updates, data)
-            store.write_bytes(f"{staging}/{MANIFEST}", files[MANIFEST])
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            old = None
-            if store.path(name).exists():
-                old = f"{staging}-replaced"
-                store.rename(name, old)
-            store.rename(staging, name)
-            if old is not None:
-                store.remove(old)
-        except BaseException:
-            store.remove(staging)
-            raise
-        finally:
-            lock_path.unlink(missing_ok=True)
-
-
-def _commit_object_store(store: Store, name: str, updates: int, data: CheckpointData) -> None:
-    with tempfile.TemporaryDirectory(prefix="convoy-ckpt-") as tmp:
-        files = _stage(Path(tmp), updates, data)
-    manifest = files.pop(MANIFEST)
-    # Rewriting a checkpoint of the same name: it stops existing for readers first, so no
-    # reader pairs the old manifest with new files.
-    store.remove(f"{name}/{MANIFEST}")
-    store.write_many({f"{name}/{f}": b for f, b in files.items()})
-    store.write_bytes(f"{name}/{MANIFEST}", manifest)
 
 
 def save_checkpoint(root: str | Path, updates: int, data: CheckpointData, keep: int = 3) -> str:
@@ -182,246 +142,14 @@ def save_checkpoint(root: str | Path, updates: int, data: CheckpointData, keep: 
 
     Returns the checkpoint's URI.
     """
-    store = open_store(root)
-    name = f"{PREFIX}{updates:010d}"
-    if isinstance(store, LocalStore):
-        _commit_local(store, name, updates, data)
-    else:
-        _commit_object_store(store, name, updates, data)
-    _prune(store, keep)
-    return store.url(name)
-
-
-# ----- pruning ---------------------------------------------------------------------------
-
-
-def _remove_dead_staging(store: LocalStore) -> None:
-    for entry in store.list():
-        if not entry.startswith(_STAGING):
-            continue
-        base = entry.removesuffix(".lock")
-        lock_path = store.path(base + ".lock")
-        try:
-            with open(lock_path, "rb") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # its writer is alive
-                store.remove(base)
-                lock_path.unlink(missing_ok=True)
-        except FileNotFoundError:
-            store.remove(base)  # no lock: its writer is gone
-
-
-def _prune(store: Store, keep: int) -> None:
-    if keep < 1:
-        raise ValueError(f"keep={keep}: must be >= 1 (the newest complete checkpoint is never removed)")
-    names = sorted((n for n in store.list() if _NAME.fullmatch(n)), key=_updates_of)
-    complete = [n for n in names if store.exists(f"{n}/{MANIFEST}")]
-    if complete:
-        try:
-            best = _read_best(store)
-        except CheckpointError as exc:
-            log.warning("pruning as if there were no best checkpoint: %s", exc)
-            best = None
-        kept = set(complete[-keep:]) | ({best[0]} if best is not None else set())
-        newest = _updates_of(complete[-1])
-        for n in names:
-            if n in complete and n not in kept:
-                # Manifest first: a half-removed checkpoint is incomplete, never a broken one.
-                store.remove(f"{n}/{MANIFEST}")
-                store.remove(n)
-            elif n not in complete and _updates_of(n) < newest:
-                store.remove(n)
-    if isinstance(store, LocalStore):
-        _remove_dead_staging(store)
-
-
-def prune(root: str | Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints and the best one under ``root``."""
-    _prune(open_store(root), keep)
-
-
-# ----- reading ---------------------------------------------------------------------------
-
-
-def _checkpoints_store(uri: str | Path) -> Store:
-    """The ``checkpoints`` store of a run URI (or ``uri`` itself if it already is one)."""
-    store = open_store(uri)
-    children = store.list()
-    if CHECKPOINTS not in children and (basename(uri) == CHECKPOINTS or any(_NAME.fullmatch(c) for c in children)):
-        return store
-    return open_store(join(uri, CHECKPOINTS))
-
-
-def _read_manifest(store: Store) -> dict[str, Any]:
-    """The validated manifest of the checkpoint ``store``; CheckpointError if incomplete."""
-    url = store.url(MANIFEST)
-    try:
-        raw = store.read_bytes(MANIFEST)
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"checkpoint {redact(store.uri)!r} is incomplete: it has no {MANIFEST} "
-            "(still being written, or its writer died)"
-        ) from None
-    try:
-        manifest = json.loads(raw)
-        files = manifest["files"]
-        ok = (
-            isinstance(files, dict)
-            and isinstance(manifest["updates"], int)
-            and all(
-                isinstance(n, str)
-                and _FILE.fullmatch(n)
-                and n != MANIFEST
-                and isinstance(e.get("size"), int)
-                and isinstance(e.get("sha256"), str)
-                for n, e in files.items()
-            )
-        )
-    except (ValueError, KeyError, TypeError, AttributeError):
-        ok = False
-    if not ok:
-        raise CheckpointError(f"{redact(url)!r} is not a valid checkpoint manifest")
-    return dict(manifest)
-
-
-def _read_verified(store: Store, manifest: dict[str, Any], name: str) -> bytes:
-    """One file's bytes, checked against the manifest's size and sha256."""
-    url = redact(store.url(name))
-    entry = manifest["files"].get(name)
-    if entry is None:
-        raise CheckpointError(f"{url} is not listed in the checkpoint's manifest")
-    try:
-        data = store.read_bytes(name)
-    except FileNotFoundError:
-        raise CheckpointError(f"{url} is missing (listed in the manifest; was the checkpoint pruned?)") from None
-    if len(data) != entry["size"]:
-        raise CheckpointError(f"{url}: size {len(data)} bytes, the manifest says {entry['size']} (corrupt or tampered)")
-    digest = _sha256(data)
-    if digest != entry["sha256"]:
-        raise CheckpointError(
-            f"{url}: sha256 {digest} does not match the manifest's {entry['sha256']} (corrupt or tampered)"
-        )
-    return data
-
-
-def _read_best(cstore: Store) -> tuple[str, dict[str, Any]] | None:
-    try:
-        raw = cstore.read_bytes(BEST)
-    except FileNotFoundError:
-        return None
-    try:
-        best = json.loads(raw)
-        name, metrics = best["name"], best.get("metrics", {})
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{redact(cstore.url(BEST))!r} is not a valid best-checkpoint pointer") from None
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or not isinstance(metrics, dict):
-        raise CheckpointError(f"{redact(cstore.url(BEST))!r} is not a valid best-checkpoint pointer")
-    return name, metrics
-
-
-def scan_checkpoints(run_uri: str | Path) -> tuple[list[CheckpointInfo], list[str]]:
-    """(complete checkpoints oldest first, names of incomplete ones) of a run.
-
-    CheckpointError if nothing is stored at ``run_uri``.
-    """
-    run_store = open_store(run_uri)
-    if not run_store.list():
-        raise CheckpointError(f"no run at {redact(str(run_uri))!r}: nothing is stored there")
-    cstore = _checkpoints_store(run_uri)
-    best = _read_best(cstore)
-    complete: list[CheckpointInfo] = []
-    incomplete: list[str] = []
-    for name in sorted((n for n in cstore.list() if _NAME.fullmatch(n)), key=_updates_of):
-        try:
-            m = _read_manifest(open_store(cstore.url(name)))
-        except CheckpointError:
-            incomplete.append(name)
-            continue
-        complete.append(
-            CheckpointInfo(
-                name=name,
-                uri=cstore.url(name),
-                updates=int(m["updates"]),
-                env_steps=int(m.get("env_steps", 0)),
-                weights_version=int(m.get("weights_version", 0)),
-                time=float(m.get("time", 0.0)),
-                size_bytes=sum(int(e["size"]) for e in m["files"].values()),
-                best=best is not None and best[0] == name,
-            )
-        )
-    return complete, incomplete
-
-
-def list_checkpoints(run_uri: str | Path) -> list[CheckpointInfo]:
-    """Complete checkpoints of a run (or of its ``checkpoints`` URI), oldest first; [] if none."""
-    if not open_store(run_uri).list():
-        return []
-    return scan_checkpoints(run_uri)[0]
-
-
-def best_checkpoint(run_uri: str | Path) -> tuple[str, dict[str, Any]] | None:
-    """(name, metrics) that ``mark_best`` recorded for the run, or None."""
-    return _read_best(_checkpoints_store(run_uri))
-
-
-def mark_best(run_uri: str | Path, checkpoint_name: str, metrics: dict[str, Any]) -> None:
-    """Record ``checkpoint_name`` (a name or a checkpoint URI) as the run's best, with ``metrics``.
-
-    One small object replaced whole; pruning keeps the checkpoint it names.
-    """
-    name = basename(checkpoint_name)
-    if not _NAME.fullmatch(name):
-        raise CheckpointError(f"{checkpoint_name!r} is not a checkpoint name (expected {PREFIX}<updates>)")
-    cstore = _checkpoints_store(run_uri)
-    if not cstore.exists(f"{name}/{MANIFEST}"):
-        raise CheckpointError(f"no complete checkpoint {name!r} in {redact(cstore.uri)!r}")
-    payload = {"name": name, "metrics": metrics, "time": time.time()}
-    # default=float: numpy scalars in metrics are written as numbers.
-    cstore.write_bytes(BEST, json.dumps(payload, indent=2, sort_keys=True, default=float).encode())
-
-
-def resolve_checkpoint(path: str | Path, name: str = "latest") -> str:
-    """The URI of a complete checkpoint.
-
-    ``path`` is a checkpoint URI (``name`` is then ignored), or a run URI (or its
-    ``checkpoints`` URI) in which ``name`` picks ``latest``, ``best`` or ``ckpt-<updates>``.
-    """
-    uri = str(path).rstrip("/") or str(path)
-    store = open_store(uri)
-    children = store.list()
-    if MANIFEST in children:
-        return store.uri
-    if _NAME.fullmatch(basename(uri)) and children:
-        _read_manifest(store)  # raises: incomplete
-    if not children:
-        raise CheckpointError(
-            f"no checkpoint at {redact(uri)!r}: nothing is stored there "
-            "(expected a checkpoint, or a run with checkpoints/)"
-        )
-    cstore = _checkpoints_store(uri)
-    if name == "best":
-        best = _read_best(cstore)
-        if best is None:
-            raise CheckpointError(f"run {redact(uri)!r} has no best checkpoint yet ({BEST} is written by mark_best)")
-        name = best[0]
-    if name == "latest":
-        for candidate in sorted((n for n in cstore.list() if _NAME.fullmatch(n)), key=_updates_of, reverse=True):
-            if cstore.exists(f"{candidate}/{MANIFEST}"):
-                return cstore.url(candidate)
-        raise CheckpointError(
-            f"no checkpoint at {redact(uri)!r}: no complete checkpoint under {redact(cstore.uri)!r} "
-            "(expected a checkpoint, or a run with checkpoints/)"
-        )
-    if not _NAME.fullmatch(name):
-        raise CheckpointError(f"checkpoint name {name!r}: expected latest, best or {PREFIX}<updates>")
-    target = open_store(cstore.url(name))
-    if not target.list():
-        available = ", ".join(n for n in cstore.list() if _NAME.fullmatch(n)) or "none"
-        raise CheckpointError(f"no checkpoint {name!r} in {redact(cstore.uri)!r} (there: {available})")
-    _read_manifest(target)  # raises if incomplete
-    return target.uri
+    return commit_checkpoint(
+        root,
+        updates,
+        lambda directory: _stage(directory, updates, data),
+        env_steps=int(data.state.get("env_steps", 0)),
+        weights_version=int(data.state.get("weights_version", 0)),
+        keep=keep,
+    )
 
 
 def load_checkpoint(
@@ -435,10 +163,10 @@ def load_checkpoint(
     from safetensors.torch import load as load_safetensors
 
     store = open_store(resolve_checkpoint(path, name))
-    manifest = _read_manifest(store)
+    manifest = read_manifest(store)
 
     def read(file: str) -> bytes:
-        return _read_verified(store, manifest, file)
+        return read_verified(store, manifest, file)
 
     current = ""
     try:
@@ -473,7 +201,7 @@ def pull_checkpoint(run_uri: str | Path, name: str, to_dir: str | Path) -> Path:
     match; on any error nothing is left behind.
     """
     store = open_store(resolve_checkpoint(run_uri, name))
-    manifest = _read_manifest(store)
+    manifest = read_manifest(store)
     dest = Path(to_dir)
     target = dest / basename(store.uri) if dest.is_dir() else dest
     if target.exists():
@@ -483,7 +211,7 @@ def pull_checkpoint(run_uri: str | Path, name: str, to_dir: str | Path) -> Path:
     tmp.mkdir()
     try:
         for file in manifest["files"]:
-            (tmp / file).write_bytes(_read_verified(store, manifest, file))
+            (tmp / file).write_bytes(read_verified(store, manifest, file))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.rename(tmp, target)
     except BaseException:

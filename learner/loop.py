@@ -14,7 +14,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +25,10 @@ from common.protocols import BatchSource
 from common.schema import ACTION_DIM, VECTOR_DIM, Batch, WeightsMessage
 from common.storage import join
 from common.weights import encode_state_dict, message_to_bytes
-from learner.agent import TD3Agent, resolve_device
-from learner.checkpoint import CheckpointData, load_checkpoint, resolve_checkpoint, save_checkpoint
+from learner import metric_keys as keys
+from learner.agent import TD3Agent, resolve_device, snapshot
+from learner.checkpoint import from_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint, to_checkpoint
+from learner.state import LearnerState
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +38,6 @@ DATA_WAIT_S = 1.0
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite updates; a checkpoint of the last good state was written."""
-
-
-def _snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-
-def _snapshot_tree(obj: Any) -> Any:
-    """Deep copy of an optimizer state dict with every tensor copied to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _snapshot_tree(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_snapshot_tree(v) for v in obj]
-    return obj
 
 
 def policy_lag(policy_version: torch.Tensor, current_version: int) -> tuple[float, float, float]:
@@ -96,10 +83,10 @@ class Learner:
         self.train_seconds_total = 0.0
         self.data_wait_seconds_total = 0.0
         self.checkpoint_seconds_total = 0.0
-        self.batch_wait_latency = Latency("learner/batch_wait_seconds")  # next(source): 0 when prefetch keeps up
+        self.batch_wait_latency = Latency("learner/batch_wait_seconds")  # source.next_batch: 0 when prefetch keeps up
         self.update_latency = Latency("learner/update_seconds")  # prepare (host to device) + one TD3 step
         self.publish_latency = Latency("learner/publish_seconds")  # snapshot to encoded message, ready to send
-        self._initial_encoders = {name: _snapshot(enc.state_dict()) for name, enc in self.agent.encoders()}
+        self._initial_encoders = {name: snapshot(enc.state_dict()) for name, enc in self.agent.encoders()}
         # Weight encoding runs on one background thread, off the update path. Checkpoint
         # writes get their own: an upload to object storage takes seconds and must not hold
         # back the weight publishing that collectors wait for.
@@ -175,19 +162,16 @@ class Learner:
         if batches:
             # Policy lag of the data trained on (Espeholt et al. 2018 measure the same for IMPALA):
             # mean over this call's batches and the oldest transition seen.
-            update_metrics["policy_lag_mean"] = lag_sum / batches
-            update_metrics["policy_lag_max"] = lag_peak
-            update_metrics["random_action_fraction"] = random_sum / batches
+            update_metrics[keys.POLICY_LAG_MEAN] = lag_sum / batches
+            update_metrics[keys.POLICY_LAG_MAX] = lag_peak
+            update_metrics[keys.RANDOM_ACTION_FRACTION] = random_sum / batches
         return self.metrics(update_metrics)
 
     def _next_batch(self) -> Batch | None:
-        """The next batch; None when a source that can wait with a timeout (the replay sampler)
-        has none within DATA_WAIT_S: its rate limiter holds the learner back while collectors
-        insert nothing, and a train() call must not block the learner actor forever."""
-        next_batch = getattr(self.source, "next_batch", None)
-        if next_batch is None:
-            return next(self.source)
-        return cast("Batch | None", next_batch(DATA_WAIT_S))
+        """The next batch; None when the source has none within DATA_WAIT_S: the replay
+        sampler's rate limiter holds the learner back while collectors insert nothing, and a
+        train() call must not block the learner actor forever."""
+        return self.source.next_batch(DATA_WAIT_S)
 
     def _stop_nonfinite(self) -> None:
         n = self.agent.consecutive_nonfinite
@@ -208,7 +192,7 @@ class Learner:
 
     def _publish(self, version: int) -> None:
         start = time.perf_counter()
-        state = _snapshot(self.agent.actor.state_dict())
+        state = snapshot(self.agent.actor.state_dict())
 
         def encode() -> None:
             payload = message_to_bytes(WeightsMessage(version=version, payload=encode_state_dict(state)))
@@ -233,32 +217,34 @@ class Learner:
 
     # ----- checkpoints -------------------------------------------------------------------
 
-    def _checkpoint_data(self) -> CheckpointData:
-        rng: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return CheckpointData(
-            networks={k: _snapshot(v) for k, v in self.agent.state_dicts().items()},
-            optimizers=_snapshot_tree(
-                {"actor": self.agent.actor_opt.state_dict(), "critic": self.agent.critic_opt.state_dict()}
-            ),
-            rng=rng,
-            state={
-                "env_steps": self.env_steps,
-                "weights_version": self.weights_version,
-                "nonfinite_total": self.agent.nonfinite_total,
-                "numpy_rng": self.np_rng.bit_generator.state,
-            },
-            config_yaml=self.cfg.to_yaml(),
+    def state(self) -> LearnerState:
+        """A CPU snapshot of the agent's state and the loop's counters and numpy RNG."""
+        return LearnerState(
+            agent=self.agent.state(),
+            env_steps=self.env_steps,
+            weights_version=self.weights_version,
+            numpy_rng=self.np_rng.bit_generator.state,
         )
 
-    def checkpoint(self, wait: bool = True) -> str:
+    def load_state(self, state: LearnerState) -> None:
+        """Continue from ``state``; publishing its weights is up to the caller (see restore)."""
+        self.agent.load_state(state.agent)
+        self.env_steps = state.env_steps
+        self.weights_version = state.weights_version
+        if state.numpy_rng is not None:
+            self.np_rng.bit_generator.state = state.numpy_rng
+
+    def checkpoint(self, wait: bool = True, env_steps: int | None = None) -> str:
         """Snapshot now; write in the background (``wait`` blocks until it is stored).
+        ``env_steps``, if given, raises the env step count first, as in train().
 
         Returns the checkpoint's URI (with ``wait=False``, where it will be once written).
         """
+        if env_steps is not None:
+            self.env_steps = max(self.env_steps, env_steps)
         t0 = time.perf_counter()
-        data, updates = self._checkpoint_data(), self.agent.updates
+        state = self.state()
+        data, updates = to_checkpoint(state, self.cfg.to_yaml()), state.agent.updates
         self.checkpoint_seconds_total += time.perf_counter() - t0
         root, keep = self.checkpoint_dir, self.cfg.run.keep_checkpoints
         path = join(root, f"ckpt-{updates:010d}")
@@ -272,22 +258,15 @@ class Learner:
         future = self._checkpoint_io.submit(write)
         return future.result() if wait else path
 
-    def restore(self, path: str | Path) -> str:
-        """Resume exactly from a checkpoint URI (or a run URI's newest complete one); returns its URI."""
+    def restore(self, path: str | Path, min_version: int = 0) -> str:
+        """Resume exactly from a checkpoint URI (or a run URI's newest complete one); returns its URI.
+
+        ``min_version`` is the newest weight version collectors may hold (a learner that died
+        after its checkpoint published more): the restored actor is then republished above
+        it, since collectors only load versions newer than theirs.
+        """
         restored = resolve_checkpoint(path)
-        data = load_checkpoint(restored)
-        self.agent.load_state_dicts({k: {n: t.to(self.device) for n, t in v.items()} for k, v in data.networks.items()})
-        self.agent.actor_opt.load_state_dict(data.optimizers["actor"])
-        self.agent.critic_opt.load_state_dict(data.optimizers["critic"])
-        self.agent.updates = int(data.state["updates"])
-        self.agent.nonfinite_total = int(data.state.get("nonfinite_total", 0))
-        self.env_steps = int(data.state.get("env_steps", 0))
-        self.weights_version = int(data.state.get("weights_version", 0))
-        torch.set_rng_state(data.rng["torch"])
-        if "cuda" in data.rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(data.rng["cuda"], self.device)
-        if "numpy_rng" in data.state:
-            self.np_rng.bit_generator.state = data.state["numpy_rng"]
+        self.load_state(from_checkpoint(load_checkpoint(restored)))
         # Collectors get the restored actor under its saved version straight away.
         if self.weights_version > 0:
             self._publish(self.weights_version)
@@ -299,13 +278,17 @@ class Learner:
             self.env_steps,
             self.weights_version,
         )
+        if self.weights_version < min_version:
+            self.weights_version = min_version
+            self.publish()
+            self.flush()
         return restored
 
     # ----- metrics -----------------------------------------------------------------------
 
     def metrics(self, update_metrics: dict[str, float]) -> dict[str, float]:
         now = time.perf_counter()
-        out: dict[str, Any] = {f"learner/{k.replace('/', '_')}": v for k, v in update_metrics.items()}
+        out: dict[str, Any] = {keys.flat_key(k): v for k, v in update_metrics.items()}
         # Distance of each CNN from its initial weights: a frozen CNN shows 0. It touches every
         # parameter, so it is recomputed at most once a second, not on every call.
         if now - self._weight_change_at >= 1.0:
@@ -319,14 +302,14 @@ class Learner:
         out.update({f"learner/{name}_cnn_weight_change": v for name, v in self._weight_change.items()})
         out.update(
             {
-                "learner/updates_total": self.agent.updates,
-                "learner/weights_version": self.weights_version,
-                "learner/nonfinite_total": self.agent.nonfinite_total,
-                "learner/consecutive_nonfinite": self.agent.consecutive_nonfinite,
+                keys.UPDATES_TOTAL_KEY: self.agent.updates,
+                keys.WEIGHTS_VERSION_KEY: self.weights_version,
+                keys.NONFINITE_TOTAL_KEY: self.agent.nonfinite_total,
+                keys.CONSECUTIVE_NONFINITE_KEY: self.agent.consecutive_nonfinite,
                 "learner/train_seconds_total": self.train_seconds_total,
                 "learner/data_wait_seconds_total": self.data_wait_seconds_total,
                 "learner/checkpoint_snapshot_seconds_total": self.checkpoint_seconds_total,
-                "learner/ready": float(self.ready()),
+                keys.READY_KEY: float(self.ready()),
                 **self.batch_wait_latency.metrics(),
                 **self.update_latency.metrics(),
                 **self.publish_latency.metrics(),

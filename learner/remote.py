@@ -40,19 +40,12 @@ class LearnerActor:
         }
 
     def restore(self, path: str, min_version: int = 0) -> dict[str, Any]:
-        """Resume from a checkpoint. ``min_version`` is the newest version collectors may hold
-        (a learner that died after its checkpoint published more): the restored actor is
-        republished above it, since collectors only load versions newer than theirs."""
-        restored = self.learner.restore(path)
-        if self.learner.weights_version < min_version:
-            self.learner.weights_version = min_version
-            self.learner.publish()
-            self.learner.flush()
+        """Resume from a checkpoint; Learner.restore says what ``min_version`` does."""
+        restored = self.learner.restore(path, min_version)
         return {"checkpoint": str(restored), "updates": self.learner.updates, "env_steps": self.learner.env_steps}
 
     def checkpoint(self, env_steps: int) -> str:
-        self.learner.env_steps = max(self.learner.env_steps, env_steps)
-        return str(self.learner.checkpoint())
+        return str(self.learner.checkpoint(env_steps=env_steps))
 
     def close(self) -> None:
         self.learner.close()

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from learner import metric_keys as keys
+
 Metrics = dict[str, torch.Tensor]
 
 
@@ -61,10 +63,10 @@ def critic_loss(q1: torch.Tensor, q2: torch.Tensor, target: torch.Tensor) -> tup
     loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
     with torch.no_grad():
         metrics = {
-            "critic/loss": loss.detach(),
-            "critic/q_mean": q1.mean(),
-            "critic/q_max": q1.max(),
-            "critic/target_mean": target.mean(),
+            keys.CRITIC_LOSS: loss.detach(),
+            keys.CRITIC_Q_MEAN: q1.mean(),
+            keys.CRITIC_Q_MAX: q1.max(),
+            keys.CRITIC_TARGET_MEAN: target.mean(),
             "critic/td_error": (q1 - target).abs().mean(),
         }
     return loss, metrics
@@ -73,7 +75,7 @@ def critic_loss(q1: torch.Tensor, q2: torch.Tensor, target: torch.Tensor) -> tup
 def actor_loss(q_of_policy: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
     """Deterministic policy gradient: maximise Q1(s, pi(s))."""
     loss = -q_of_policy.mean()
-    return loss, {"actor/loss": loss.detach()}
+    return loss, {keys.ACTOR_LOSS: loss.detach()}
 
 
 def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 
 from common.config import load_config
 from common.networks import Actor
+from common.protocols import BatchSource
 from common.schema import Batch
 from common.weights import load_into, message_from_bytes
 from learner.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint
@@ -29,6 +30,9 @@ class SyntheticSource:
     @property
     def size(self) -> int:
         return self._size
+
+    def next_batch(self, timeout: float | None = None) -> Batch | None:
+        return next(self)
 
     def __next__(self) -> Batch:
         return random_batch(self.batch_size, self.g)
@@ -126,7 +130,7 @@ class RateLimitedSource(SyntheticSource):
         super().__init__(batch_size)
         self.admitted = admitted
 
-    def next_batch(self, timeout: float) -> Batch | None:
+    def next_batch(self, timeout: float | None = None) -> Batch | None:
         if self.admitted == 0:
             return None
         self.admitted -= 1
@@ -143,3 +147,17 @@ def test_train_returns_when_the_rate_limiter_holds_back_data(tmp_path: Path) -> 
     learner.train(10)
     assert learner.updates == 3
     learner.close()
+
+
+def test_the_replay_sampler_and_the_test_sources_are_batch_sources(redis_url: str) -> None:
+    """The learner calls only what BatchSource declares; the real sampler and the fakes here
+    must provide all of it."""
+    from replay_service.sampler import ReplaySampler
+
+    assert isinstance(SyntheticSource(4), BatchSource)
+    assert isinstance(RateLimitedSource(4, admitted=1), BatchSource)
+    sampler = ReplaySampler([redis_url], 4, prefetch=0)
+    try:
+        assert isinstance(sampler, BatchSource)
+    finally:
+        sampler.close()

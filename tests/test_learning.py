@@ -49,6 +49,9 @@ class VectorReplay:
     def size(self) -> int:
         return min(self.n, self.capacity)
 
+    def next_batch(self, timeout: float | None = None) -> Batch | None:
+        return next(self)
+
     def __next__(self) -> Batch:
         idx = self.rng.integers(0, self.size, self.batch_size)
         return Batch(

@@ -49,6 +49,9 @@ class SegmentsSource:
     def size(self) -> int:
         return self.batch.size
 
+    def next_batch(self, timeout: float | None = None) -> Batch | None:
+        return next(self)
+
     def __next__(self) -> Batch:
         return self.batch
 

@@ -39,6 +39,9 @@ class IndexedSource:
     def size(self) -> int:
         return 10_000
 
+    def next_batch(self, timeout: float | None = None) -> Batch | None:
+        return next(self)
+
     def __next__(self) -> Batch:
         g = torch.Generator().manual_seed(self.i)
         self.i += 1

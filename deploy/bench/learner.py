@@ -92,7 +92,7 @@ class DeviceBatches:
     def size(self) -> int:
         return 1 << 30
 
-    def __next__(self) -> Batch:
+    def next_batch(self, timeout: float | None = None) -> Batch | None:
         self.i += 1
         return self.batches[self.i % len(self.batches)]
 
