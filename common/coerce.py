@@ -176,5 +176,7 @@ def describe_fields(sections: typing.Mapping[str, type]) -> list[tuple[str, str,
             doc = f.metadata.get("doc", "")
             if "choices" in f.metadata:
                 doc += f" One of: {', '.join(map(str, f.metadata['choices']))}."
-            rows.append((f"{name}.{f.name}", type_name(hints[f.name]), f.default, doc))
+            # A mutable default (a dict) is built by default_factory; show its value, not MISSING.
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f"{name}.{f.name}", type_name(hints[f.name]), default, doc))
     return rows

@@ -424,5 +424,5 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
 
 
 def describe_keys() -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, doc) for every key; used by ``convoy config --keys`` and the README."""
+    """(dotted key, type, default, doc) for every key; used by ``convoy config --keys`` and docs/reference/config.md."""
     return coerce.describe_fields(_SECTION_TYPES)

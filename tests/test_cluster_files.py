@@ -34,7 +34,7 @@ CLUSTER_DIR = ROOT / "deploy" / "cluster"
 CLUSTER_FILES = sorted(CLUSTER_DIR.glob("*.yaml"))
 RUN_CONFIGS = sorted((ROOT / "deploy" / "configs").glob("*.yaml"))
 
-# What the README's `ray job submit ... -- convoy train` adds on a `ray up` cluster: the learner
+# What the docs' `ray job submit ... -- convoy train` adds on a `ray up` cluster: the learner
 # pinned to the head's `learner` resource and shards to the `replay` node type.
 SUBMIT_OVERRIDES = ("run.ray_address=auto", "learner.resources=learner:1", "replay.shard_resources=replay:1")
 
