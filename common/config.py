@@ -84,6 +84,12 @@ class RunConfig:
     )
     eval_episodes: int = _opt(10, "Episodes per evaluation (seeds eval_seed, eval_seed + 1, ...).", min=1)
     eval_seed: int = _opt(1_000_003, "Seed of the first evaluation episode; the same seeds every evaluation.", min=0)
+    video_every_evals: int = _opt(
+        1,
+        "Record the first episode of every this many evaluations (starting with the first) as "
+        "<out_dir>/videos/eval-<env steps>.mp4 and a TensorBoard image summary 'eval/video'. 0 = no videos.",
+        min=0,
+    )
 
 
 @dataclass(frozen=True)

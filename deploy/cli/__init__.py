@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--episodes", type=_positive_int, default=5, help="evaluation episodes (>= 1)")
     e.add_argument("--seed", type=int, default=1_000_003, help="seed of the first evaluation episode")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.add_argument(
+        "--video", default=None, metavar="PATH.mp4", help="record every episode to this MP4 (local path or URI)"
+    )
 
     b = sub.add_parser("bench", help="benchmarks: `convoy bench replay|learner|learning [--json] ...`")
     b.add_argument("target", choices=("replay", "learner", "learning"))
@@ -172,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "evaluate":
             from deploy.cli.evaluate import evaluate
 
-            result = evaluate(args.checkpoint, args.episodes, seed=args.seed, name=args.name)
+            result = evaluate(args.checkpoint, args.episodes, seed=args.seed, name=args.name, video=args.video)
             if args.json:
                 print(json.dumps(result))
             else:

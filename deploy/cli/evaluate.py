@@ -12,6 +12,7 @@ import yaml
 
 from actors.envs import make_env
 from actors.evaluator import Evaluator
+from actors.video import FRAME_HEIGHT, FRAME_WIDTH, EpisodeRecorder, write_mp4
 from common.config import from_dict
 from learner.checkpoint import load_checkpoint, resolve_checkpoint
 
@@ -22,12 +23,15 @@ def evaluate(
     seed: int = 1_000_003,
     log: TextIO = sys.stderr,
     name: str = "latest",
+    video: str | Path | None = None,
 ) -> dict[str, Any]:
     """Mean return, route completion and success rate over ``episodes`` episodes (no noise).
 
     ``checkpoint`` is a checkpoint URI, or a run URI in which ``name`` (``latest``, ``best``
     or ``ckpt-<updates>``) picks one; any local path or fsspec URI (learner.checkpoint).
-    Episode ``k`` resets with seed ``seed + k``.
+    Episode ``k`` resets with seed ``seed + k``. ``video``: an MP4 path or URI to record every
+    episode to, one after another (actors/video.py: the simulator's view beside the policy's
+    frames, FRAME_WIDTH x FRAME_HEIGHT, one frame per step plus the reset frame per episode).
     """
     if episodes < 1:
         raise ValueError(f"--episodes={episodes}: must be >= 1")
@@ -35,7 +39,10 @@ def evaluate(
     data = load_checkpoint(path, networks=("actor",), full=False)
     cfg = from_dict(yaml.safe_load(data.config_yaml))
     torch.set_num_threads(1)
-    evaluator = Evaluator(cfg, lambda: make_env(cfg.env, cfg.carla), episodes=episodes, seed=seed)
+    render_mode = "rgb_array" if video else None
+    evaluator = Evaluator(
+        cfg, lambda: make_env(cfg.env, cfg.carla, render_mode=render_mode), episodes=episodes, seed=seed
+    )
     version = int(data.state.get("weights_version", 0))
     evaluator.load_actor_state(data.networks["actor"], version)
 
@@ -47,8 +54,12 @@ def evaluate(
             flush=True,
         )
 
+    recorder = EpisodeRecorder() if video else None
     try:
-        out = evaluator.evaluate(on_episode=say)
+        out = evaluator.evaluate(on_episode=say, recorder=recorder)
+        if video and recorder is not None:
+            write_mp4(video, recorder.frames, evaluator.fps)
+            print(f"video: {video} ({len(recorder.frames)} frames, {FRAME_WIDTH}x{FRAME_HEIGHT})", file=log)
     finally:
         evaluator.close()
     rates = {k.split("/", 1)[1]: v for k, v in out.items() if k.endswith("_rate") or k.startswith("eval/driving/")}
@@ -62,4 +73,5 @@ def evaluate(
         "checkpoint": path,
         "updates": int(data.state.get("updates", 0)),
         "weights_version": version,
+        **({"video": str(video)} if video else {}),
     }
