@@ -87,7 +87,7 @@ class RunConfig:
     video_every_evals: int = _opt(
         1,
         "Record the first episode of every this many evaluations (starting with the first) as "
-        "<out_dir>/videos/eval-<env steps>.mp4 and a TensorBoard image summary 'eval/video'. 0 = no videos.",
+        "`<out_dir>/videos/eval-<env steps>.mp4` and TensorBoard's `eval/video` (an animated GIF). 0 = no videos.",
         min=0,
     )
 
