@@ -23,6 +23,7 @@ from common import storage
 from common.config import ConfigError, ConvoyConfig, load_config
 from common.networks import Actor
 from common.weights import message_to_bytes, pack_weights
+from deploy.run.curves import read_curves
 from learner.checkpoint import CheckpointData, save_checkpoint
 
 
@@ -146,6 +147,7 @@ def test_evaluator_videos_go_through_run_storage() -> None:
         evaluator.close()
     assert storage.exists(storage.join(run, VIDEOS_DIR, "eval-0000000042.mp4"))
     assert len(storage.open_store(storage.join(run, TB_VIDEO_DIR)).list()) == 1
+    assert read_curves(run) == {}, "the curves' reader skips the video's folder"
 
 
 def test_video_every_evals_0_writes_no_video(tmp_path: Path) -> None:
