@@ -125,9 +125,16 @@ class Evaluator:
         returns, completion, steps = [], [], []
         endings = dict.fromkeys(ENDINGS, 0)
         driving: dict[str, list[float]] = {}
-        run_video = EpisodeRecorder() if recorder is None and self.video_due() else None
+        record_first = recorder is None and self.video_due()
         for ep in range(self.episodes):
-            total, n, info = self.play(ep, recorder or (run_video if ep == 0 else None))
+            run_video = EpisodeRecorder(self.fps, thumbnails=True) if record_first and ep == 0 else None
+            try:
+                total, n, info = self.play(ep, recorder or run_video)
+                if run_video is not None:
+                    self._publish(run_video, self.weights_version if env_steps is None else env_steps)
+            finally:
+                if run_video is not None:
+                    run_video.close()
             if on_episode is not None:
                 on_episode(ep, total, n, info)
             returns.append(total)
@@ -139,8 +146,6 @@ class Evaluator:
             for key, value in info.items():
                 if key.startswith("driving/"):
                     driving.setdefault(key, []).append(float(value))
-        if run_video is not None:
-            self._publish(run_video, self.weights_version if env_steps is None else env_steps)
         self.evaluations_total += 1
         out = {
             "eval/return": float(np.mean(returns)),
@@ -172,7 +177,7 @@ class Evaluator:
 
     def _publish(self, recorder: EpisodeRecorder, env_steps: int) -> None:
         try:
-            self.last_video = publish_run_video(self.cfg.run.out_dir, recorder.frames, self.fps, env_steps)
+            self.last_video = publish_run_video(self.cfg.run.out_dir, recorder, env_steps)
             self.videos_total += 1
             log.info("evaluation video: %s", self.last_video)
         except Exception as exc:  # a video is a by-product: the evaluation's result still counts

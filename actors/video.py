@@ -27,9 +27,9 @@ moviepy dependency ``add_video`` needs; TensorBoard's Images tab plays it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
-import math
 import os
 import tempfile
 import time
@@ -149,17 +149,24 @@ def _render(env: Any) -> np.ndarray | None:
 
 
 class EpisodeRecorder:
-    """Composed frames of one or more episodes, in order: :meth:`reset` after ``env.reset``,
-    :meth:`step` after every ``env.step``."""
+    """Composed frames of one or more episodes, in order (:meth:`reset` after ``env.reset``,
+    :meth:`step` after every ``env.step``), streamed to ffmpeg as they come: an episode of
+    400 frames is 300 MB as arrays, so none are kept, except, with ``thumbnails``, a half-size
+    256-colour copy for the TensorBoard GIF (64 KB a frame). :meth:`save` writes the MP4;
+    :meth:`close` discards it."""
 
-    def __init__(self) -> None:
-        self.frames: list[np.ndarray] = []
+    def __init__(self, fps: float, thumbnails: bool = False) -> None:
+        self.fps = fps
+        self.frames_total = 0
+        self.thumbnails: list[Any] | None = [] if thumbnails else None  # PIL images, palette mode
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._writer: Any = None
         self._return = 0.0
         self._steps = 0
 
     def reset(self, env: Any, obs: dict[str, np.ndarray]) -> None:
         self._return, self._steps = 0.0, 0
-        self.frames.append(compose(obs["image"], _render(env), Overlay(step=0)))
+        self._add(compose(obs["image"], _render(env), Overlay(step=0)))
 
     def step(
         self, env: Any, obs: dict[str, np.ndarray], action: np.ndarray, reward: float, info: dict[str, Any]
@@ -175,50 +182,67 @@ class EpisodeRecorder:
             episode_return=self._return,
             reason=info.get("termination_reason"),
         )
-        self.frames.append(compose(obs["image"], _render(env), overlay))
+        self._add(compose(obs["image"], _render(env), overlay))
 
+    def _add(self, frame: np.ndarray) -> None:
+        if self._writer is None:
+            import imageio.v2 as imageio
 
-def encode_mp4(frames: Sequence[np.ndarray], fps: float) -> bytes:
-    """H.264 MP4 bytes of ``frames`` (each H x W x 3 uint8, sides multiples of 16)."""
-    import imageio.v2 as imageio
+            self._tmp = tempfile.TemporaryDirectory(prefix="convoy-video-")
+            # H.264 in yuv420p: what browsers and common players decode.
+            self._writer = imageio.get_writer(
+                str(Path(self._tmp.name) / "video.mp4"),
+                format="FFMPEG",
+                fps=self.fps,
+                codec="libx264",
+                pixelformat="yuv420p",
+                quality=7,
+            )
+        self._writer.append_data(frame)
+        self.frames_total += 1
+        if self.thumbnails is not None:
+            from PIL import Image
 
-    if not frames:
-        raise ValueError("no frames to encode")
-    with tempfile.TemporaryDirectory(prefix="convoy-video-") as tmp:
-        path = Path(tmp) / "video.mp4"
-        writer = imageio.get_writer(
-            str(path), format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p", quality=7
-        )
+            self.thumbnails.append(Image.fromarray(frame).reduce(TB_SCALE).quantize(256))
+
+    def save(self, uri: str | Path) -> str:
+        """Finish the MP4 and write it to ``uri`` (a local path or fsspec URI); returns ``uri``."""
+        if self._writer is None or self._tmp is None:
+            raise ValueError("no frames to encode")
+        self._writer.close()
+        self._writer = None
         try:
-            for frame in frames:
-                writer.append_data(frame)
+            storage.write_bytes(uri, (Path(self._tmp.name) / "video.mp4").read_bytes())
         finally:
-            writer.close()
-        return path.read_bytes()
+            self.close()
+        return str(uri)
+
+    def close(self) -> None:
+        """Drop the encoder and its temporary file (after :meth:`save`, or to discard)."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):  # a broken ffmpeg pipe: the file is discarded anyway
+                self._writer.close()
+            self._writer = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
-def write_mp4(uri: str | Path, frames: Sequence[np.ndarray], fps: float) -> str:
-    """Encode ``frames`` and write them to ``uri`` (a local path or fsspec URI); returns ``uri``."""
-    storage.write_bytes(uri, encode_mp4(frames, fps))
-    return str(uri)
-
-
-def encode_gif(frames: Sequence[np.ndarray], fps: float, shrink: int = TB_SCALE) -> bytes:
-    """An animated GIF (Pillow's encoder) of ``frames`` shrunk ``shrink`` times, looping."""
-    from PIL import Image
-
-    images = [Image.fromarray(f).reduce(shrink) if shrink > 1 else Image.fromarray(f) for f in frames]
+def encode_gif(images: Sequence[Any], fps: float) -> bytes:
+    """An animated, looping GIF (Pillow's encoder) of PIL ``images``."""
+    if not images:
+        raise ValueError("no frames to encode")
     buf = io.BytesIO()
     duration_ms = max(20, round(1000.0 / fps))
-    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+    images[0].save(buf, format="GIF", save_all=True, append_images=list(images[1:]), duration=duration_ms, loop=0)
     return buf.getvalue()
 
 
 def write_tensorboard_video(
-    logdir_uri: str | Path, frames: Sequence[np.ndarray], fps: float, step: int, tag: str = TB_VIDEO_TAG
+    logdir_uri: str | Path, images: Sequence[Any], fps: float, step: int, tag: str = TB_VIDEO_TAG
 ) -> str:
-    """One image summary holding an animated GIF of ``frames`` at ``step``, in a new event file
-    under ``logdir_uri`` (any storage URI); returns the file's URI.
+    """One image summary holding an animated GIF of PIL ``images`` at ``step``, in a new event
+    file under ``logdir_uri`` (any storage URI); returns the file's URI.
 
     A new, complete file per video: object stores cannot append, and TensorBoard reads a
     directory's event files in name order, which time-stamped names keep."""
@@ -226,8 +250,8 @@ def write_tensorboard_video(
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-    gif = encode_gif(frames, fps)
-    height, width = math.ceil(frames[0].shape[0] / TB_SCALE), math.ceil(frames[0].shape[1] / TB_SCALE)
+    gif = encode_gif(images, fps)
+    width, height = images[0].size
     image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)
     summary = Summary(value=[Summary.Value(tag=tag, image=image)])
     with tempfile.TemporaryDirectory(prefix="convoy-tb-video-") as tmp:
@@ -240,9 +264,11 @@ def write_tensorboard_video(
     return uri
 
 
-def publish_run_video(run_uri: str | Path, frames: Sequence[np.ndarray], fps: float, env_steps: int) -> str:
-    """An evaluation's video into the run: ``<run>/videos/eval-<env steps>.mp4`` and a GIF summary
-    at step ``env_steps`` under ``<run>/tensorboard/eval_video/``. Returns the MP4's URI."""
-    uri = write_mp4(storage.join(str(run_uri), VIDEOS_DIR, f"eval-{env_steps:010d}.mp4"), frames, fps)
-    write_tensorboard_video(storage.join(str(run_uri), TB_VIDEO_DIR), frames, fps, env_steps)
+def publish_run_video(run_uri: str | Path, recorder: EpisodeRecorder, env_steps: int) -> str:
+    """An evaluation's video (``recorder`` made with ``thumbnails``) into the run:
+    ``<run>/videos/eval-<env steps>.mp4`` and a GIF summary at step ``env_steps`` under
+    ``<run>/tensorboard/eval_video/``. Returns the MP4's URI."""
+    uri = recorder.save(storage.join(str(run_uri), VIDEOS_DIR, f"eval-{env_steps:010d}.mp4"))
+    if recorder.thumbnails:
+        write_tensorboard_video(storage.join(str(run_uri), TB_VIDEO_DIR), recorder.thumbnails, recorder.fps, env_steps)
     return uri

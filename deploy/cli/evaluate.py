@@ -12,7 +12,7 @@ import yaml
 
 from actors.envs import make_env
 from actors.evaluator import Evaluator
-from actors.video import FRAME_HEIGHT, FRAME_WIDTH, EpisodeRecorder, write_mp4
+from actors.video import FRAME_HEIGHT, FRAME_WIDTH, EpisodeRecorder
 from common.config import from_dict
 from learner.checkpoint import load_checkpoint, resolve_checkpoint
 
@@ -54,13 +54,15 @@ def evaluate(
             flush=True,
         )
 
-    recorder = EpisodeRecorder() if video else None
+    recorder = EpisodeRecorder(evaluator.fps) if video else None
     try:
         out = evaluator.evaluate(on_episode=say, recorder=recorder)
         if video and recorder is not None:
-            write_mp4(video, recorder.frames, evaluator.fps)
-            print(f"video: {video} ({len(recorder.frames)} frames, {FRAME_WIDTH}x{FRAME_HEIGHT})", file=log)
+            recorder.save(video)
+            print(f"video: {video} ({recorder.frames_total} frames, {FRAME_WIDTH}x{FRAME_HEIGHT})", file=log)
     finally:
+        if recorder is not None:
+            recorder.close()
         evaluator.close()
     rates = {k.split("/", 1)[1]: v for k, v in out.items() if k.endswith("_rate") or k.startswith("eval/driving/")}
     return {
