@@ -7,6 +7,11 @@ collectors (common/weights.py: msgpack + safetensors, never pickle).
 
 Every evaluation plays the same episodes: episode ``k`` resets with seed ``run.eval_seed + k``,
 so two evaluations differ only by the weights, and "best" compares like with like.
+
+Videos (actors/video.py): with ``publish_videos`` (the evaluator actor of a run) the first
+episode of every ``run.video_every_evals``-th evaluation is recorded and written by this
+process to ``<run>/videos/`` and the run's TensorBoard directory, so frames never travel to
+the driver; ``convoy evaluate --video`` passes its own recorder to record every episode.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 
 from actors.envs.driving import DRIVING_PREFIX
+from actors.video import EpisodeRecorder, publish_run_video
 from common.config import ConvoyConfig
 from common.networks import Actor
 from common.schema import check_observation
@@ -55,7 +61,11 @@ class Evaluator:
         env_factory: Callable[[], gym.Env],
         episodes: int | None = None,
         seed: int | None = None,
+        publish_videos: bool = False,
     ) -> None:
+        """``publish_videos``: write the run's evaluation videos (needs an env made with
+        ``render_mode="rgb_array"`` for the simulator's view; without it only the policy's
+        frames are shown)."""
         self.cfg = cfg
         self.episodes = cfg.run.eval_episodes if episodes is None else episodes
         if self.episodes < 1:
@@ -66,6 +76,9 @@ class Evaluator:
         self.policy.requires_grad_(False)
         self.weights_version = -1  # nothing loaded yet
         self.evaluations_total = 0
+        self.publish_videos = publish_videos and cfg.run.video_every_evals > 0
+        self.videos_total = 0
+        self.last_video = ""
 
     def set_weights(self, message: bytes) -> int:
         """Load a weight message (any version: the driver may evaluate an older checkpoint)."""
@@ -84,15 +97,40 @@ class Evaluator:
             image = torch.from_numpy(obs["image"])[None]
             return self.policy(image, torch.from_numpy(obs["vector"])[None])[0].numpy()
 
+    def play(self, ep: int, recorder: EpisodeRecorder | None = None) -> tuple[float, int, dict[str, Any]]:
+        """Episode ``ep`` (seed ``seed + ep``): (return, steps, final info); frames go to ``recorder``."""
+        obs, info = self.env.reset(seed=self.seed + ep)
+        check_observation(obs)
+        if recorder is not None:
+            recorder.reset(self.env, obs)
+        total, n, done = 0.0, 0, False
+        while not done:
+            action = self.act(obs)
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            if recorder is not None:
+                recorder.step(self.env, obs, action, float(reward), info)
+            total += float(reward)
+            n += 1
+            done = terminated or truncated
+        return total, n, info
+
+    def video_due(self) -> bool:
+        """Whether the evaluation about to run records the run's video (every
+        ``run.video_every_evals``-th, starting with the first)."""
+        return self.publish_videos and self.evaluations_total % self.cfg.run.video_every_evals == 0
+
     def evaluate(
         self,
         message: bytes | None = None,
         on_episode: Callable[[int, float, int, dict[str, Any]], None] | None = None,
+        recorder: EpisodeRecorder | None = None,
+        env_steps: int | None = None,
     ) -> dict[str, float]:
         """Play the fixed episodes; returns a flat dict of ``eval/...`` means over episodes.
 
         ``on_episode(index, return, steps, final info)`` is called after each episode (progress
-        output for ``convoy evaluate``)."""
+        output for ``convoy evaluate``); ``recorder`` gets the frames of every episode.
+        ``env_steps`` is the run's env step count of the weights (the step of the run's video)."""
         if message is not None:
             self.set_weights(message)
         if self.weights_version < 0:
@@ -101,15 +139,16 @@ class Evaluator:
         returns, completion, steps = [], [], []
         endings = dict.fromkeys(ENDINGS, 0)
         driving: dict[str, list[float]] = {}
+        record_first = recorder is None and self.video_due()
         for ep in range(self.episodes):
-            obs, info = self.env.reset(seed=self.seed + ep)
-            check_observation(obs)
-            total, n, done = 0.0, 0, False
-            while not done:
-                obs, reward, terminated, truncated, info = self.env.step(self.act(obs))
-                total += float(reward)
-                n += 1
-                done = terminated or truncated
+            run_video = EpisodeRecorder(self.fps, thumbnails=True) if record_first and ep == 0 else None
+            try:
+                total, n, info = self.play(ep, recorder or run_video)
+                if run_video is not None:
+                    self._publish(run_video, self.weights_version if env_steps is None else env_steps)
+            finally:
+                if run_video is not None:
+                    run_video.close()
             if on_episode is not None:
                 on_episode(ep, total, n, info)
             returns.append(total)
@@ -145,8 +184,21 @@ class Evaluator:
         )
         return out
 
+    @property
+    def fps(self) -> float:
+        """Frames per second of videos: the simulator's real time (its ``render_fps``)."""
+        return float(getattr(self.env, "metadata", {}).get("render_fps", 10))
+
+    def _publish(self, recorder: EpisodeRecorder, env_steps: int) -> None:
+        try:
+            self.last_video = publish_run_video(self.cfg.run.out_dir, recorder, env_steps)
+            self.videos_total += 1
+            log.info("evaluation video: %s", self.last_video)
+        except Exception as exc:  # a video is a by-product: the evaluation's result still counts
+            log.warning("writing the evaluation video failed: %s", exc)
+
     def metrics(self) -> dict[str, Any]:
-        return {"evaluator/evaluations_total": self.evaluations_total}
+        return {"evaluator/evaluations_total": self.evaluations_total, "evaluator/videos_total": self.videos_total}
 
     def close(self) -> None:
         self.env.close()

@@ -73,10 +73,17 @@ class EvaluatorActor:
 
         torch.set_num_threads(1)  # one small forward pass per step, like a collector
         cfg = from_dict(config)
-        self.evaluator = Evaluator(cfg, lambda: make_env(cfg.env, cfg.carla, index=env_index))
+        videos = cfg.run.video_every_evals > 0
+        self.evaluator = Evaluator(
+            cfg,
+            lambda: make_env(cfg.env, cfg.carla, index=env_index, render_mode="rgb_array" if videos else None),
+            publish_videos=videos,
+        )
 
-    def evaluate(self, weights: bytes) -> dict[str, float]:
-        return self.evaluator.evaluate(weights)
+    def evaluate(self, weights: bytes, env_steps: int | None = None) -> dict[str, float]:
+        """Scores of ``weights``; its video, if due, is written by this process to run storage
+        (at step ``env_steps``), so only the small metric dict goes back to the driver."""
+        return self.evaluator.evaluate(weights, env_steps=env_steps)
 
     def close(self) -> None:
         self.evaluator.close()

@@ -95,6 +95,12 @@ class RunConfig:
     )
     eval_episodes: int = opt(10, "Episodes per evaluation (seeds eval_seed, eval_seed + 1, ...).", min=1)
     eval_seed: int = opt(1_000_003, "Seed of the first evaluation episode; the same seeds every evaluation.", min=0)
+    video_every_evals: int = opt(
+        1,
+        "Record the first episode of every this many evaluations (starting with the first) as "
+        "`<out_dir>/videos/eval-<env steps>.mp4` and TensorBoard's `eval/video` (an animated GIF). 0 = no videos.",
+        min=0,
+    )
 
 
 @dataclass(frozen=True)

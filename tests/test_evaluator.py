@@ -135,7 +135,7 @@ def _remote_classes() -> tuple[Any, Any]:
         def __init__(self, scores: list[tuple[float, float]]) -> None:
             self.scores = list(scores)
 
-        def evaluate(self, message: bytes) -> dict[str, float]:
+        def evaluate(self, message: bytes, env_steps: int | None = None) -> dict[str, float]:
             version = message_from_bytes(message).version
             rc, ret = self.scores.pop(0)
             return {
@@ -233,12 +233,15 @@ def test_real_evaluator_actor_on_a_checkpoint(ray_local: None, tmp_path: Path) -
     """The default evaluator actor (its own process and embedded simulator) scores a checkpoint."""
     from deploy.run.evaluation import default_evaluator
 
-    cfg = _cfg("run.eval_every_updates=10")
     run = str(tmp_path / "run")
+    cfg = _cfg("run.eval_every_updates=10", f"run.out_dir={run}")
     fake_learner, _ = _remote_classes()
     learner = fake_learner.remote(run, cfg.to_yaml())
     sched = EvalScheduler(cfg, run, make_evaluator=lambda: default_evaluator(cfg))
     record = _run_eval(sched, 10, 100, learner)
     assert record["eval/episodes"] == 2.0 and np.isfinite(record["eval/return"])
     assert record["best"] is True
+    # The actor wrote the first episode's video itself, at the checkpoint's env steps.
+    assert [p.name for p in (Path(run) / "videos").iterdir()] == ["eval-0000000100.mp4"]
+    assert len(list((Path(run) / "tensorboard" / "eval_video").iterdir())) == 1
     sched.close()

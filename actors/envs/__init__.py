@@ -9,13 +9,16 @@ import gymnasium as gym
 from common.config import CarlaConfig, EnvConfig
 
 
-def make_env(config: EnvConfig, carla: CarlaConfig | None = None, *, index: int = 0) -> gym.Env:
+def make_env(
+    config: EnvConfig, carla: CarlaConfig | None = None, *, index: int = 0, render_mode: str | None = None
+) -> gym.Env:
     """The simulator ``env.backend`` names. ``carla`` is the run's ``carla.*`` section and
-    ``index`` the collector's id (which attached server it uses); both only matter for CARLA."""
+    ``index`` the collector's id (which attached server it uses); both only matter for CARLA.
+    ``render_mode="rgb_array"`` makes ``render()`` return frames (evaluation videos)."""
     if config.backend == "embedded":
         from actors.envs.embedded import EmbeddedDrivingEnv
 
-        return EmbeddedDrivingEnv(config)
+        return EmbeddedDrivingEnv(config, render_mode=render_mode)
     if config.backend == "carla":
         from actors.envs.carla_env import CarlaDrivingEnv
 
@@ -25,8 +28,8 @@ def make_env(config: EnvConfig, carla: CarlaConfig | None = None, *, index: int 
 
             fake = FakeCarla()
             server = FakeServerHandle(fake, port=carla.port + 4 * index, recycle_episodes=carla.recycle_episodes)
-            return CarlaDrivingEnv(config, carla, server=server, api=fake, index=index)
-        return CarlaDrivingEnv(config, carla, index=index)
+            return CarlaDrivingEnv(config, carla, server=server, api=fake, index=index, render_mode=render_mode)
+        return CarlaDrivingEnv(config, carla, index=index, render_mode=render_mode)
     raise ValueError(f"env.backend={config.backend!r}: allowed: 'embedded', 'carla'")
 
 

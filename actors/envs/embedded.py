@@ -51,6 +51,9 @@ from common.schema import FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, Observation, 
 log = logging.getLogger(__name__)
 
 RENDER_SCALING = 2.0  # pixels per metre: 84 px show 42 m around the ego vehicle
+# render(): highway-env's colour top-down view, larger than the policy's frames (videos).
+RENDER_SIZE = 336  # px, square
+RENDER_VIEW_SCALING = 4.0  # pixels per metre: 336 px show 84 m around the ego vehicle
 
 
 def _ensure_offscreen_video() -> None:
@@ -101,6 +104,8 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
         # One viewer for the env's life: highway-env's own GrayscaleObservation builds a new
         # one on every reset.
         self._viewer = EnvViewer(self._sim, config=viewer_config)
+        self._viewer_config = viewer_config
+        self._render_viewer: Any = None  # built on the first render() call
         self._stack = np.zeros(IMAGE_SHAPE, np.uint8)
         self._steps = 0
         self._progress = 0.0
@@ -210,10 +215,26 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
         return self._observation(), reward, terminated, truncated, info
 
     def render(self) -> np.ndarray | None:  # type: ignore[override]
+        """uint8 (RENDER_SIZE, RENDER_SIZE, 3): highway-env's colour top-down view centred on
+        the ego vehicle (``render_mode="rgb_array"``; None otherwise)."""
         if self.render_mode != "rgb_array":
             return None
-        return np.repeat(self._stack[-1][..., None], 3, axis=-1)
+        if self._render_viewer is None:
+            from highway_env.envs.common.graphics import EnvViewer
+
+            config = {
+                **self._viewer_config,
+                "screen_width": RENDER_SIZE,
+                "screen_height": RENDER_SIZE,
+                "scaling": RENDER_VIEW_SCALING,
+            }
+            self._render_viewer = EnvViewer(self._sim, config=config)
+        self._render_viewer.observer_vehicle = self._sim.vehicle
+        self._render_viewer.display()
+        return np.ascontiguousarray(self._render_viewer.get_image()[..., :3], dtype=np.uint8)
 
     def close(self) -> None:
+        if self._render_viewer is not None:
+            self._render_viewer.close()
         self._viewer.close()
         self._sim.close()

@@ -46,7 +46,7 @@ def register(sub: Subparsers) -> None:
     c = sub.add_parser("config", help="print the resolved config, or every key with --keys")
     c.add_argument("--config", default=None)
     c.add_argument("--keys", action="store_true", help="list every key with its type, default and meaning")
-    c.add_argument("--markdown", action="store_true", help="with --keys: as a Markdown table (docs/reference/config.md)")
+    c.add_argument("--markdown", action="store_true", help="with --keys: a Markdown table (the docs)")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=command)
 

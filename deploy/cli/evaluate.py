@@ -24,11 +24,14 @@ def register(sub: Subparsers) -> None:
     e.add_argument("--episodes", type=positive_int, default=5, help="evaluation episodes (>= 1)")
     e.add_argument("--seed", type=int, default=1_000_003, help="seed of the first evaluation episode")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.add_argument(
+        "--video", default=None, metavar="PATH.mp4", help="record every episode to this MP4 (local path or URI)"
+    )
     e.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace) -> int:
-    result = evaluate(args.checkpoint, args.episodes, seed=args.seed, name=args.name)
+    result = evaluate(args.checkpoint, args.episodes, seed=args.seed, name=args.name, video=args.video)
     if args.json:
         print(json.dumps(result))
     else:
@@ -43,12 +46,15 @@ def evaluate(
     seed: int = 1_000_003,
     log: TextIO = sys.stderr,
     name: str = "latest",
+    video: str | Path | None = None,
 ) -> dict[str, Any]:
     """Mean return, route completion and success rate over ``episodes`` episodes (no noise).
 
     ``checkpoint`` is a checkpoint URI, or a run URI in which ``name`` (``latest``, ``best``
     or ``ckpt-<updates>``) picks one; any local path or fsspec URI (learner.checkpoint).
-    Episode ``k`` resets with seed ``seed + k``.
+    Episode ``k`` resets with seed ``seed + k``. ``video``: an MP4 path or URI to record every
+    episode to, one after another (actors/video.py: the simulator's view beside the policy's
+    frames, FRAME_WIDTH x FRAME_HEIGHT, one frame per step plus the reset frame per episode).
     """
     # Imported here: torch and the simulators would slow every other command's start.
     import torch
@@ -56,6 +62,7 @@ def evaluate(
 
     from actors.envs import make_env
     from actors.evaluator import Evaluator
+    from actors.video import FRAME_HEIGHT, FRAME_WIDTH, EpisodeRecorder
     from common.config import from_dict
     from learner.checkpoint import load_checkpoint, resolve_checkpoint
 
@@ -65,7 +72,10 @@ def evaluate(
     data = load_checkpoint(path, networks=("actor",), full=False)
     cfg = from_dict(yaml.safe_load(data.config_yaml))
     torch.set_num_threads(1)
-    evaluator = Evaluator(cfg, lambda: make_env(cfg.env, cfg.carla), episodes=episodes, seed=seed)
+    render_mode = "rgb_array" if video else None
+    evaluator = Evaluator(
+        cfg, lambda: make_env(cfg.env, cfg.carla, render_mode=render_mode), episodes=episodes, seed=seed
+    )
     version = int(data.state.get("weights_version", 0))
     evaluator.load_actor_state(data.networks["actor"], version)
 
@@ -77,9 +87,15 @@ def evaluate(
             flush=True,
         )
 
+    recorder = EpisodeRecorder(evaluator.fps) if video else None
     try:
-        out = evaluator.evaluate(on_episode=say)
+        out = evaluator.evaluate(on_episode=say, recorder=recorder)
+        if video and recorder is not None:
+            recorder.save(video)
+            print(f"video: {video} ({recorder.frames_total} frames, {FRAME_WIDTH}x{FRAME_HEIGHT})", file=log)
     finally:
+        if recorder is not None:
+            recorder.close()
         evaluator.close()
     rates = {k.split("/", 1)[1]: v for k, v in out.items() if k.endswith("_rate") or k.startswith("eval/driving/")}
     return {
@@ -92,4 +108,5 @@ def evaluate(
         "checkpoint": path,
         "updates": int(data.state.get("updates", 0)),
         "weights_version": version,
+        **({"video": str(video)} if video else {}),
     }

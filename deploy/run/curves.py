@@ -102,6 +102,8 @@ def read_curves(run_uri: str | Path) -> dict[str, list[tuple[int, float]]]:
             if not names:
                 raise FileNotFoundError(f"{storage.redact(uri)}: no TensorBoard events")
             for name in names:
+                if store.list(name):  # a folder: another TensorBoard run (eval_video/), no scalars
+                    continue
                 (Path(tmp) / Path(name).name).write_bytes(store.read_bytes(name))
         acc = EventAccumulator(tmp, size_guidance={"scalars": 0})  # 0: keep every point
         acc.Reload()

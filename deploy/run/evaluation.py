@@ -226,7 +226,7 @@ class EvalScheduler:
         )
         if self._evaluator is None:
             self._evaluator = self._make_evaluator()
-        self._eval_ref = self._evaluator.evaluate.remote(message)
+        self._eval_ref = self._evaluator.evaluate.remote(message, int(self._pending["env_steps"]))
 
     def _record(self, result: dict[str, float]) -> dict[str, Any]:
         record: dict[str, Any] = {**self._pending, **result, "time": time.time()}
