@@ -44,7 +44,7 @@ def evaluate(
     checkpoint: str | Path,
     episodes: int,
     seed: int = 1_000_003,
-    log: TextIO = sys.stderr,
+    log: TextIO | None = None,
     name: str = "latest",
     video: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -68,6 +68,8 @@ def evaluate(
 
     if episodes < 1:
         raise ValueError(f"--episodes={episodes}: must be >= 1")
+    # Looked up at call time, not bound at import: a caller's redirect_stderr must take effect.
+    out_log = log if log is not None else sys.stderr
     path = resolve_checkpoint(checkpoint, name)
     data = load_checkpoint(path, networks=("actor",), full=False)
     cfg = from_dict(yaml.safe_load(data.config_yaml))
@@ -83,7 +85,7 @@ def evaluate(
         print(
             f"episode {ep + 1}/{episodes}: return {ep_return:.2f}, steps {steps}, "
             f"route completion {float(info.get('route_completion', 0.0)):.2f}, end {info.get('termination_reason')}",
-            file=log,
+            file=out_log,
             flush=True,
         )
 
@@ -92,7 +94,7 @@ def evaluate(
         out = evaluator.evaluate(on_episode=say, recorder=recorder)
         if video and recorder is not None:
             recorder.save(video)
-            print(f"video: {video} ({recorder.frames_total} frames, {FRAME_WIDTH}x{FRAME_HEIGHT})", file=log)
+            print(f"video: {video} ({recorder.frames_total} frames, {FRAME_WIDTH}x{FRAME_HEIGHT})", file=out_log)
     finally:
         if recorder is not None:
             recorder.close()
