@@ -94,6 +94,35 @@ def _median(values: list[float | int | None]) -> float | None:
     return None if m == float("inf") else m
 
 
+def learning_run_config(
+    config_path: str,
+    overrides: Sequence[str],
+    seed: int,
+    env_steps: int,
+    max_seconds: float,
+    eval_every: int,
+    run_dir: Path,
+    collectors: int | None = None,
+) -> ConvoyConfig:
+    """The config of one benchmark run: ``overrides`` on ``config_path``, then the run's seed,
+    budget and directory, evaluations every ``eval_every`` env steps (and ``collectors``
+    collectors when given; otherwise the config's)."""
+    forced = [f"collector.num_collectors={collectors}"] if collectors is not None else []
+    cfg = load_config(
+        config_path,
+        [
+            "run.metrics=false",
+            *overrides,
+            *forced,
+            f"run.seed={seed}",
+            f"run.total_env_steps={env_steps}",
+            f"run.max_seconds={max_seconds}",
+            f"run.out_dir={run_dir}",
+        ],
+    )
+    return cfg.replace(f"run.eval_every_updates={eval_every_updates(cfg, eval_every)}")
+
+
 def run_one(cfg: ConvoyConfig, log_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One training run; (its summary, its evaluation records)."""
     from deploy.run.driver import train
@@ -150,20 +179,16 @@ def run(
     for n in collectors:
         for seed in range(seeds):
             run_dir = root / f"c{n}-s{seed}"
-            cfg = load_config(
+            cfg = learning_run_config(
                 config_path,
-                [
-                    "run.metrics=false",
-                    f"run.eval_episodes={eval_episodes}",
-                    *overrides,
-                    f"collector.num_collectors={n}",
-                    f"run.seed={seed}",
-                    f"run.total_env_steps={env_steps}",
-                    f"run.max_seconds={max_seconds}",
-                    f"run.out_dir={run_dir}",
-                ],
+                [f"run.eval_episodes={eval_episodes}", *overrides],
+                seed,
+                env_steps,
+                max_seconds,
+                eval_every,
+                run_dir,
+                collectors=n,
             )
-            cfg = cfg.replace(f"run.eval_every_updates={eval_every_updates(cfg, eval_every)}")
             limit = f" or {max_seconds:g} s" if max_seconds else ""
             _say(f"run collectors={n} seed={seed}: {env_steps} env steps{limit}, log {run_dir}.log")
             summary, history = run_one(cfg, Path(f"{run_dir}.log"))
