@@ -34,8 +34,8 @@ def _cfg(*overrides: str) -> ConvoyConfig:
 def test_sb3_kwargs_follow_the_run_config() -> None:
     cfg = _cfg(
         "learner.batch_size=128",
-        "learner.critic_lr=1e-3",
-        "learner.actor_lr=1e-3",
+        "learner.critic_lr=0.001",
+        "learner.actor_lr=0.001",
         "learner.tau=0.01",
         "learner.gamma=0.98",
         "learner.policy_delay=3",
@@ -95,7 +95,7 @@ def test_replay_ratio_must_be_set() -> None:
 def test_single_collector_noise_and_differences() -> None:
     cfg = _cfg("collector.num_collectors=1", "collector.noise_std=0.15")
     assert math.isclose(exploration_noise_std(cfg), 0.15)
-    diffs = sb3_differences(_cfg("learner.actor_lr=1e-4", "learner.encoder=nature_maxpool"))
+    diffs = sb3_differences(_cfg("learner.actor_lr=0.0001", "learner.encoder=nature_maxpool"))
     assert any("learning rate" in d for d in diffs)
     assert any("max-pool" in d for d in diffs)
 

@@ -97,6 +97,8 @@ def make_task(cfg: ConvoyConfig, vector_only: bool) -> gym.Env:
     """The embedded driving env through its registered id, with the run's ``env.*`` settings."""
     if cfg.env.backend != "embedded":
         raise ConfigError(f"env.backend={cfg.env.backend!r}: convoy bench peers runs on the embedded simulator only")
+    import actors.envs  # noqa: F401 - registers ENV_ID (RLlib calls this where nothing else imported it)
+
     env = gym.make(ENV_ID, config=cfg.env)
     return VectorOnly(env) if vector_only else env
 
