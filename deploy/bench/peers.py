@@ -63,6 +63,8 @@ PEERS = ("convoy", "sb3-td3", "rllib-sac")
 ENV_ID = "convoy/EmbeddedDriving-v0"
 # Share of available memory SB3's replay buffer may take (it stores obs and next obs apart).
 BUFFER_MEMORY_SHARE = 0.5
+# Env steps per RLlib train() call (evaluations fall at most this many steps after their mark).
+RLLIB_STEPS_PER_ITERATION = 100
 
 
 class PeerUnavailable(RuntimeError):
@@ -351,7 +353,9 @@ def rllib_sac_config(cfg: ConvoyConfig, seed: int, env_name: str) -> Any:
             training_intensity=cfg.replay.samples_per_insert,
             replay_buffer_config={"type": "EpisodeReplayBuffer", "capacity": cfg.replay.capacity},
         )
-        .reporting(min_sample_timesteps_per_iteration=0, min_time_s_per_iteration=0)
+        # One env step per training_step(); an iteration (what train() returns, where the
+        # evaluations are scheduled) gathers RLLIB_STEPS_PER_ITERATION of them.
+        .reporting(min_sample_timesteps_per_iteration=RLLIB_STEPS_PER_ITERATION, min_time_s_per_iteration=0)
         .debugging(seed=seed)
     )
 
@@ -365,10 +369,13 @@ def _cuda(cfg: ConvoyConfig) -> bool:
 def _rllib_counts(result: dict[str, Any]) -> tuple[int, int]:
     """(env steps sampled, transitions trained on) so far, from an Algorithm.train() result."""
     steps = int(result.get("env_runners", {}).get("num_env_steps_sampled_lifetime", 0))
-    learned = result.get("learners", {}).get("__all_modules__", {})
-    return steps, int(
-        learned.get("num_module_steps_trained_lifetime", learned.get("num_env_steps_trained_lifetime", 0))
+    # Module steps trained are reported per module (one here, "default_policy").
+    trained = sum(
+        int(stats.get("num_module_steps_trained_lifetime", 0))
+        for name, stats in result.get("learners", {}).items()
+        if name != "__all_modules__" and isinstance(stats, dict)
     )
+    return steps, trained
 
 
 def run_rllib_sac(
