@@ -35,13 +35,14 @@ figures) belongs with the others it is compared to.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -281,14 +282,7 @@ def run_sb3_td3(
     train_env = model.get_env()
     if train_env is not None:
         train_env.close()
-    return {
-        **summarize_run(history, target),
-        "wall_seconds": round(seconds, 1),
-        "env_steps_per_s": round(model.num_timesteps / seconds, 1),
-        "updates": int(model._n_updates),
-        "updates_per_s": round(model._n_updates / seconds, 2),
-        "differences": sb3_differences(cfg),
-    }
+    return _figures(history, target, model.num_timesteps, int(model._n_updates), seconds, sb3_differences(cfg))
 
 
 class _TrainClock:
@@ -304,20 +298,27 @@ class _TrainClock:
     def seconds(self) -> float:
         return time.monotonic() - self._start - self._paused
 
-    def paused(self) -> _Pause:
-        return _Pause(self)
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self._paused += time.monotonic() - t0
 
 
-class _Pause:
-    def __init__(self, clock: _TrainClock) -> None:
-        self.clock = clock
-        self.t0 = 0.0
-
-    def __enter__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def __exit__(self, *exc: object) -> None:
-        self.clock._paused += time.monotonic() - self.t0
+def _figures(
+    history: list[dict[str, Any]], target: float, env_steps: int, updates: int, seconds: float, differences: list[str]
+) -> dict[str, Any]:
+    """A peer run's figures: summarize_run's plus its training speed."""
+    return {
+        **summarize_run(history, target),
+        "wall_seconds": round(seconds, 1),
+        "env_steps_per_s": round(env_steps / seconds, 1),
+        "updates": updates,
+        "updates_per_s": round(updates / seconds, 2),
+        "differences": differences,
+    }
 
 
 # ----------------------------------------------------------------------------- RLlib SAC
@@ -378,16 +379,11 @@ def _rllib_counts(result: dict[str, Any]) -> tuple[int, int]:
     return steps, trained
 
 
-def run_rllib_sac(
-    cfg: ConvoyConfig, seed: int, env_steps: int, eval_every: int, max_seconds: float, target: float
-) -> dict[str, Any]:
-    try:
-        import ray
-        import torch
-        from ray.rllib.core.columns import Columns
-        from ray.tune.registry import register_env
-    except ImportError as e:
-        raise PeerUnavailable(f"rllib-sac needs ray[rllib]: {e}") from None
+def _build_rllib_sac(cfg: ConvoyConfig, seed: int) -> tuple[Any, bool]:
+    """(the SAC Algorithm, whether this call started Ray); any failure is a PeerUnavailable."""
+    import ray
+    from ray.tune.registry import register_env
+
     env_name = "convoy-vector-only"
     register_env(env_name, lambda _: make_task(cfg, vector_only=True))
     sac = rllib_sac_config(cfg, seed, env_name)
@@ -395,13 +391,23 @@ def run_rllib_sac(
     try:
         if started_ray:
             ray.init(include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count() or 1)
-        algo = sac.build_algo()
-    except PeerUnavailable:
-        raise
+        return sac.build_algo(), started_ray
     except Exception as e:  # RLlib raises many kinds; the peer must fail with a message, not a traceback
         if started_ray:
             ray.shutdown()
         raise PeerUnavailable(f"rllib-sac could not start RLlib here: {type(e).__name__}: {e}") from None
+
+
+def run_rllib_sac(
+    cfg: ConvoyConfig, seed: int, env_steps: int, eval_every: int, max_seconds: float, target: float
+) -> dict[str, Any]:
+    try:
+        import ray
+        import torch
+        from ray.rllib.core.columns import Columns
+    except ImportError as e:
+        raise PeerUnavailable(f"rllib-sac needs ray[rllib]: {e}") from None
+    algo, started_ray = _build_rllib_sac(cfg, seed)
     module = algo.get_module()
     dist_cls = module.get_inference_action_dist_cls()
 
@@ -431,14 +437,7 @@ def run_rllib_sac(
         if started_ray:
             ray.shutdown()
     updates = trained // cfg.learner.batch_size
-    return {
-        **summarize_run(history, target),
-        "wall_seconds": round(seconds, 1),
-        "env_steps_per_s": round(steps / seconds, 1),
-        "updates": updates,
-        "updates_per_s": round(updates / seconds, 2),
-        "differences": ["SAC (entropy-regularised, stochastic policy) instead of TD3"],
-    }
+    return _figures(history, target, steps, updates, seconds, ["SAC (entropy-regularised, stochastic policy), not TD3"])
 
 
 # ----------------------------------------------------------------------------- convoy
@@ -484,6 +483,21 @@ def _cpu_flags() -> list[str]:
             present = set(line.split(":", 1)[1].split())
             return [f for f in wanted if f in present]
     return []
+
+
+MEDIAN_KEYS = (
+    "steps_to_target",
+    "seconds_to_target",
+    "final_route_completion",
+    "final_success_rate",
+    "final_return",
+    "env_steps_per_s",
+    "updates_per_s",
+)
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    return {f"median_{k}": _median([r[k] for r in runs]) for k in MEDIAN_KEYS}
 
 
 def run_peers(
@@ -532,22 +546,7 @@ def run_peers(
                 f"final route_completion {figures['final_route_completion']:.3f}"
             )
     base = load_config(config_path, cfg_overrides)
-    medians = {}
-    for peer in peers:
-        rs = [r for r in runs if r["peer"] == peer]
-        if rs:
-            medians[peer] = {
-                f"median_{k}": _median([r[k] for r in rs])
-                for k in (
-                    "steps_to_target",
-                    "seconds_to_target",
-                    "final_route_completion",
-                    "final_success_rate",
-                    "final_return",
-                    "env_steps_per_s",
-                    "updates_per_s",
-                )
-            }
+    medians = {p: _medians(rs) for p in peers if (rs := [r for r in runs if r["peer"] == p])}
     return {
         "runs": runs,
         "medians": medians,
