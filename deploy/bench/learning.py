@@ -94,6 +94,35 @@ def _median(values: list[float | int | None]) -> float | None:
     return None if m == float("inf") else m
 
 
+def learning_run_config(
+    config_path: str,
+    overrides: Sequence[str],
+    seed: int,
+    env_steps: int,
+    max_seconds: float,
+    eval_every: int,
+    run_dir: Path,
+    collectors: int | None = None,
+) -> ConvoyConfig:
+    """The config of one benchmark run: ``overrides`` on ``config_path``, then the run's seed,
+    budget and directory, evaluations every ``eval_every`` env steps (and ``collectors``
+    collectors when given; otherwise the config's)."""
+    forced = [f"collector.num_collectors={collectors}"] if collectors is not None else []
+    cfg = load_config(
+        config_path,
+        [
+            "run.metrics=false",
+            *overrides,
+            *forced,
+            f"run.seed={seed}",
+            f"run.total_env_steps={env_steps}",
+            f"run.max_seconds={max_seconds}",
+            f"run.out_dir={run_dir}",
+        ],
+    )
+    return cfg.replace(f"run.eval_every_updates={eval_every_updates(cfg, eval_every)}")
+
+
 def run_one(cfg: ConvoyConfig, log_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One training run; (its summary, its evaluation records)."""
     from deploy.run.driver import train
@@ -125,35 +154,6 @@ class _Tee(io.TextIOBase):
     def flush(self) -> None:
         self.log.flush()
         sys.stderr.flush()
-
-
-def _run_config(
-    config_path: str,
-    overrides: Sequence[str],
-    collectors: int,
-    seed: int,
-    env_steps: int,
-    eval_every: int,
-    eval_episodes: int,
-    max_seconds: float,
-    run_dir: Path,
-) -> ConvoyConfig:
-    """The config of one run: the user's overrides, then the bench's budget, seed and output
-    (which no override may change), evaluations every ``eval_every`` env steps."""
-    cfg = load_config(
-        config_path,
-        [
-            "run.metrics=false",
-            f"run.eval_episodes={eval_episodes}",
-            *overrides,
-            f"collector.num_collectors={collectors}",
-            f"run.seed={seed}",
-            f"run.total_env_steps={env_steps}",
-            f"run.max_seconds={max_seconds}",
-            f"run.out_dir={run_dir}",
-        ],
-    )
-    return cfg.replace(f"run.eval_every_updates={eval_every_updates(cfg, eval_every)}")
 
 
 def _run_record(
@@ -215,8 +215,15 @@ def run(
     for n in collectors:
         for seed in range(seeds):
             run_dir = root / f"c{n}-s{seed}"
-            cfg = _run_config(
-                config_path, overrides, n, seed, env_steps, eval_every, eval_episodes, max_seconds, run_dir
+            cfg = learning_run_config(
+                config_path,
+                [f"run.eval_episodes={eval_episodes}", *overrides],
+                seed,
+                env_steps,
+                max_seconds,
+                eval_every,
+                run_dir,
+                collectors=n,
             )
             limit = f" or {max_seconds:g} s" if max_seconds else ""
             _say(f"run collectors={n} seed={seed}: {env_steps} env steps{limit}, log {run_dir}.log")
