@@ -48,6 +48,8 @@ def evaluate(
 
     ``checkpoint`` is a checkpoint URI, or a run URI in which ``name`` (``latest``, ``best``
     or ``ckpt-<updates>``) picks one; any local path or fsspec URI (learner.checkpoint).
+    With ``latest``, a checkpoint that fails verification is skipped (and named on ``log``)
+    for the next older one.
     Episode ``k`` resets with seed ``seed + k``.
     """
     # Imported here: torch and the simulators would slow every other command's start.
@@ -57,11 +59,14 @@ def evaluate(
     from actors.envs import make_env
     from actors.evaluator import Evaluator
     from common.config import from_dict
-    from learner.checkpoint import load_checkpoint, resolve_checkpoint
+    from learner.checkpoint import load_checkpoint, newest_verified
 
     if episodes < 1:
         raise ValueError(f"--episodes={episodes}: must be >= 1")
-    path = resolve_checkpoint(checkpoint, name)
+    # ``latest`` of a run is its newest checkpoint that verifies; newer corrupt ones are named.
+    path, skipped = newest_verified(checkpoint, name)
+    for reason in skipped:
+        print(f"evaluate: {reason}", file=log, flush=True)
     data = load_checkpoint(path, networks=("actor",), full=False)
     cfg = from_dict(yaml.safe_load(data.config_yaml))
     torch.set_num_threads(1)
