@@ -29,7 +29,9 @@ Reading verifies the size and sha256 of every file against the manifest (hashing
 1 GB/s, small next to reading the bytes from object storage), so a corrupt or tampered file
 is an error naming that file, never silently loaded.
 
-Pruning keeps the newest ``keep`` complete checkpoints of the lineage and the ``best`` one.
+Newest means last committed (the manifest's time): a run resumed past a corrupt checkpoint
+writes checkpoints with fewer updates that are still its newest. Pruning keeps the newest
+``keep`` complete checkpoints of the lineage and the ``best`` one.
 Debris of a writer of the lineage that died (files without a manifest) is removed once a
 newer checkpoint of the lineage is complete; an incomplete checkpoint newer than that may
 still be uploading, so it is left alone. Local staging directories carry a flock held by their writer, so only those
@@ -138,8 +140,8 @@ def _staged(
 
 
 def _same_checkpoint(store: Store, name: str, files: dict[str, bytes]) -> bool:
-    """True if ``name`` is a complete checkpoint of the same run with exactly these files,
-    and every one of them verifies: writing them again would change nothing."""
+    """True if ``name`` is the newest complete checkpoint of the same run, with exactly these
+    files, every one of which verifies: writing them again would change nothing."""
     try:
         existing = read_manifest(open_store(store.url(name)))
     except CheckpointError:
@@ -147,6 +149,8 @@ def _same_checkpoint(store: Store, name: str, files: dict[str, bytes]) -> bool:
     new = json.loads(files[MANIFEST])
     if existing.get("run_id", "") != new["run_id"] or _files_of(existing) != _files_of(new):
         return False
+    if _lineage(store, new["run_id"])[-1:] != [name]:
+        return False  # an older one: pruning would take it, so the write goes under a new name
     try:
         verify(store.url(name))
     except CheckpointError:
@@ -273,7 +277,7 @@ def _writer_of(store: Store, name: str) -> str | None:
 
 
 def _manifests(store: Store) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
-    """(complete checkpoints with their manifests oldest first, names of incomplete ones)."""
+    """(complete checkpoints with their manifests, oldest commit first; names of incomplete ones)."""
     complete: list[tuple[str, dict[str, Any]]] = []
     incomplete: list[str] = []
     for name in (n for n in store.list() if _NAME.fullmatch(n)):
@@ -281,7 +285,9 @@ def _manifests(store: Store) -> tuple[list[tuple[str, dict[str, Any]]], list[str
             complete.append((name, read_manifest(open_store(store.url(name)))))
         except CheckpointError:
             incomplete.append(name)
-    complete.sort(key=lambda c: (_updates_of(c[0]), float(c[1].get("time", 0.0)), c[0]))
+    # Commit order: after a resume past a corrupt checkpoint the resumed run's checkpoints
+    # are the newest even where they have fewer updates.
+    complete.sort(key=lambda c: (float(c[1].get("time", 0.0)), _updates_of(c[0]), c[0]))
     return complete, sorted(incomplete, key=_updates_of)
 
 
@@ -302,7 +308,7 @@ def _prune(store: Store, keep: int, run_id: str | None = None) -> None:
                 # Manifest first: a half-removed checkpoint is incomplete, never a broken one.
                 store.remove(f"{n}/{MANIFEST}")
                 store.remove(n)
-        newest = _updates_of(own[-1])
+        newest = max(_updates_of(n) for n in own)
         for n in incomplete:
             writer = _writer_of(store, n)
             # Another run's writer may be uploading it; debris of this lineage (or of no
@@ -520,7 +526,7 @@ def resolve_checkpoint(path: str | Path, name: str = "latest", run_id: str | Non
 
     ``path`` is a checkpoint URI (``name`` is then ignored), or a run URI (or its
     ``checkpoints`` URI) in which ``name`` picks ``latest``, ``best`` or ``ckpt-<updates>``;
-    ``latest`` is the newest of the lineage ``run_id`` (of any when None).
+    ``latest`` is the last committed of the lineage ``run_id`` (of any when None).
     """
     uri = str(path).rstrip("/") or str(path)
     cstore, name = _named(uri, name)
