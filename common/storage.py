@@ -193,6 +193,11 @@ def _credentials_checked(uri: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
+        if type(exc).__name__ == "ParamValidationError":  # botocore; its text may echo the URI unredacted
+            raise StorageError(
+                f"{redact(uri)} is not a valid {protocol(uri)}:// URI (credentials go in the environment, "
+                "never in the URI)"
+            ) from None
         if not _is_credential_error(exc):
             raise
         proto = protocol(uri)
