@@ -303,7 +303,8 @@ class Learner:
         return future.result() if wait else path
 
     def restore(self, path: str | Path, min_version: int = 0) -> str:
-        """Resume exactly from a checkpoint URI (or a run URI's newest complete one); returns its URI.
+        """Resume exactly from a checkpoint URI, or a run URI's newest checkpoint of this run's
+        lineage that verifies (newer corrupt ones are logged as skipped); returns its URI.
 
         ``min_version`` is the newest weight version collectors may hold (a learner that died
         after its checkpoint published more): the restored actor is then republished above
