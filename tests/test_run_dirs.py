@@ -209,3 +209,20 @@ def test_s3_without_credentials_is_one_line(
     assert main(["checkpoints", "list", "s3://key:secret@bucket/run"]) == 1
     err = capsys.readouterr().err
     assert "secret" not in err and err.count("\n") == 1
+
+
+def test_learner_restart_and_pruning_see_only_the_runs_own_lineage(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _run_with_checkpoints(run_dir).close()
+    # Another run's learner writes into the same directory (an old convoy, or a racing start).
+    intruder = _learner(run_dir, f"run.out_dir={run_dir}", "run.run_id=runb", "run.keep_checkpoints=1")
+    intruder.train(7)
+    intruder.checkpoint()
+    intruder.train(1)
+    intruder.checkpoint()
+    intruder.close()
+    names = {c.name: c.run_id for c in list_checkpoints(run_dir)}
+    assert names == {"ckpt-0000000002": "runa", "ckpt-0000000004": "runa", "ckpt-0000000008": "runb"}
+    learner = _learner(run_dir, f"run.out_dir={run_dir}", "run.run_id=runa")
+    assert learner.restore(str(run_dir)).endswith("ckpt-0000000004") and learner.updates == 4
+    learner.close()
