@@ -63,13 +63,28 @@ class RunConfig:
         min=0.0,
     )
     out_dir: str = opt(
-        "runs/local",
+        "",
         "Run storage: a local path or an fsspec URI (file://, s3://, gs://, memory://) for config.yaml, "
-        "checkpoints/, summary.json and curves; every node writes there directly.",
+        "checkpoints/, summary.json and curves; every node writes there directly. Empty: a new directory "
+        "runs/<config name>/<YYYYmmdd-HHMMSS> per run (with --resume: the resumed run's). A fresh run refuses "
+        "a directory that holds another run.",
+    )
+    run_id: str = opt(
+        "",
+        "Id of the run's lineage, recorded in every checkpoint manifest; set by `convoy train` (a new random id "
+        "for a fresh run, the resumed checkpoint's id on --resume), any value given is replaced.",
     )
     seed: int = opt(0, "Base seed; collector i uses seed + 1000 * (i + 1).", min=0)
     checkpoint_every_updates: int = opt(5_000, "Write a checkpoint every this many learner updates.", min=1)
-    keep_checkpoints: int = opt(3, "How many checkpoints stay on disk (oldest removed first).", min=1)
+    keep_checkpoints: int = opt(
+        3, "How many checkpoints of the run stay on disk (oldest removed first; other runs' are never touched).", min=1
+    )
+    max_checkpoint_failures: int = opt(
+        3,
+        "Checkpoint writes that may fail in a row (each is logged and counted); one more stops the learner with "
+        "an error, keeping the last good checkpoint.",
+        min=1,
+    )
     progress_every_s: float = opt(2.0, "Seconds between progress lines.", min=0.1)
     metrics: bool = opt(
         True,

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -162,6 +163,48 @@ class LocalStore:
             os.close(fd)
 
 
+# Exceptions that mean "no usable credentials" (botocore, google-auth), by class name: the
+# packages that define them are optional extras.
+_CREDENTIAL_ERRORS = frozenset(
+    {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "DefaultCredentialsError"}
+)
+_CREDENTIAL_HINTS = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, ~/.aws/credentials, an instance role)",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (or run `gcloud auth "
+    "application-default login`)",
+}
+
+
+def _is_credential_error(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__name__ in _CREDENTIAL_ERRORS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _credentials_checked(uri: str) -> Iterator[None]:
+    """Turn a missing-credentials error of any depth into one StorageError naming the
+    (redacted) URI and what to set."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__name__ == "ParamValidationError":  # botocore; its text may echo the URI unredacted
+            raise StorageError(
+                f"{redact(uri)} is not a valid {protocol(uri)}:// URI (credentials go in the environment, "
+                "never in the URI)"
+            ) from None
+        if not _is_credential_error(exc):
+            raise
+        proto = protocol(uri)
+        hint = _CREDENTIAL_HINTS.get({"s3a": "s3", "gcs": "gs"}.get(proto, proto), "configure its credentials")
+        raise StorageError(f"no credentials for {redact(uri)}: {hint}") from None
+
+
 class FsspecStore:
     """Any other fsspec filesystem: object stores (no rename) and ``memory://``."""
 
@@ -197,23 +240,28 @@ class FsspecStore:
         return f"{self._root}/{key.strip('/')}" if key.strip("/") else self._root
 
     def read_bytes(self, key: str) -> bytes:
-        data = self.fs.cat_file(self._path(key))
+        with _credentials_checked(self.url(key)):
+            data = self.fs.cat_file(self._path(key))
         return bytes(data)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self.fs.pipe_file(self._path(key), data)
+        with _credentials_checked(self.url(key)):
+            self.fs.pipe_file(self._path(key), data)
 
     def write_many(self, items: dict[str, bytes]) -> None:
         # One call: async filesystems (s3fs, gcsfs) upload the objects concurrently.
-        self.fs.pipe({self._path(k): v for k, v in items.items()})
+        with _credentials_checked(self._uri):
+            self.fs.pipe({self._path(k): v for k, v in items.items()})
 
     def exists(self, key: str) -> bool:
-        return bool(self.fs.exists(self._path(key)))
+        with _credentials_checked(self.url(key)):
+            return bool(self.fs.exists(self._path(key)))
 
     def list(self, key: str = "") -> list[str]:
         path = self._path(key)
         try:
-            entries = self.fs.ls(path, detail=False)
+            with _credentials_checked(self.url(key)):
+                entries = self.fs.ls(path, detail=False)
         except FileNotFoundError:
             return []
         # ls of a plain object lists the object itself, which is not a child.
@@ -221,7 +269,7 @@ class FsspecStore:
         return sorted({basename(c) for c in children if c != path})
 
     def remove(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError), _credentials_checked(self.url(key)):
             self.fs.rm(self._path(key), recursive=True)
 
 

@@ -33,11 +33,13 @@ from learner.checkpoint_store import (
     commit_checkpoint,
     list_checkpoints,
     mark_best,
+    newest_verified,
     prune,
     read_manifest,
     read_verified,
     resolve_checkpoint,
     scan_checkpoints,
+    verify,
 )
 from learner.state import AgentState, LearnerState
 
@@ -59,6 +61,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "mark_best",
+    "newest_verified",
     "prune",
     "pull_checkpoint",
     "resolve_checkpoint",
@@ -66,6 +69,7 @@ __all__ = [
     "save_file",
     "scan_checkpoints",
     "to_checkpoint",
+    "verify",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,8 +141,9 @@ def _stage(directory: Path, updates: int, data: CheckpointData) -> None:
     (directory / "config.yaml").write_text(data.config_yaml)
 
 
-def save_checkpoint(root: str | Path, updates: int, data: CheckpointData, keep: int = 3) -> str:
-    """Write ``<root>/ckpt-<updates>`` (``root`` is the run's ``checkpoints`` URI), then prune.
+def save_checkpoint(root: str | Path, updates: int, data: CheckpointData, keep: int = 3, run_id: str = "") -> str:
+    """Write ``<root>/ckpt-<updates>`` (``root`` is the run's ``checkpoints`` URI) for the
+    lineage ``run_id``, then prune that lineage.
 
     Returns the checkpoint's URI.
     """
@@ -149,6 +154,7 @@ def save_checkpoint(root: str | Path, updates: int, data: CheckpointData, keep: 
         env_steps=int(data.state.get("env_steps", 0)),
         weights_version=int(data.state.get("weights_version", 0)),
         keep=keep,
+        run_id=run_id,
     )
 
 

@@ -23,11 +23,18 @@ from common.config import ConvoyConfig
 from common.metrics import Latency
 from common.protocols import BatchSource
 from common.schema import ACTION_DIM, VECTOR_DIM, Batch, WeightsMessage
-from common.storage import join
+from common.storage import join, redact
 from common.weights import encode_state_dict, message_to_bytes
 from learner import metric_keys as keys
 from learner.agent import TD3Agent, resolve_device, snapshot
-from learner.checkpoint import from_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint, to_checkpoint
+from learner.checkpoint import (
+    CheckpointError,
+    from_checkpoint,
+    load_checkpoint,
+    newest_verified,
+    save_checkpoint,
+    to_checkpoint,
+)
 from learner.state import LearnerState
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,10 @@ DATA_WAIT_S = 1.0
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite updates; a checkpoint of the last good state was written."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """More than ``run.max_checkpoint_failures`` checkpoint writes in a row failed."""
 
 
 def policy_lag(policy_version: torch.Tensor, current_version: int) -> tuple[float, float, float]:
@@ -80,6 +91,10 @@ class Learner:
         self._weights_lock = threading.Lock()
         self.env_steps = 0
         self.last_checkpoint: str | None = None
+        # Every failed write is logged and counted here; a run of them stops train().
+        self.checkpoint_failures_total = 0
+        self.consecutive_checkpoint_failures = 0
+        self._last_checkpoint_error = ""
         self.train_seconds_total = 0.0
         self.data_wait_seconds_total = 0.0
         self.checkpoint_seconds_total = 0.0
@@ -121,6 +136,7 @@ class Learner:
         """Run up to ``num_updates`` updates (none while replay is below the minimum size)."""
         if env_steps is not None:
             self.env_steps = max(self.env_steps, env_steps)
+        self._check_checkpoint_failures()
         if not self.ready():
             time.sleep(0.05)
             return self.metrics({})
@@ -155,6 +171,7 @@ class Learner:
             if self.agent.updates % self.cfg.learner.publish_every == 0 or self.weights_version == 0:
                 self.publish()
             if self.agent.updates % self.cfg.run.checkpoint_every_updates == 0:
+                self._check_checkpoint_failures()
                 self.checkpoint(wait=False)
         self.train_seconds_total += time.perf_counter() - start
         # One host sync per call, not per update.
@@ -172,6 +189,19 @@ class Learner:
         sampler's rate limiter holds the learner back while collectors insert nothing, and a
         train() call must not block the learner actor forever."""
         return self.source.next_batch(DATA_WAIT_S)
+
+    def _check_checkpoint_failures(self) -> None:
+        """Stop once ``run.max_checkpoint_failures`` writes in a row failed: training on
+        while nothing is saved would lose all of it at the next crash."""
+        limit = self.cfg.run.max_checkpoint_failures
+        if self.consecutive_checkpoint_failures < limit:
+            return
+        raise CheckpointWriteError(
+            f"{self.consecutive_checkpoint_failures} checkpoint writes in a row failed "
+            f"(run.max_checkpoint_failures={limit}); last: {self._last_checkpoint_error}. "
+            f"Newest good checkpoint: {self.last_checkpoint or 'none written by this learner'}. "
+            f"Check that {redact(self.checkpoint_dir)} is writable (space, permissions, credentials)."
+        )
 
     def _stop_nonfinite(self) -> None:
         n = self.agent.consecutive_nonfinite
@@ -250,7 +280,21 @@ class Learner:
         path = join(root, f"ckpt-{updates:010d}")
 
         def write() -> str:
-            written = save_checkpoint(root, updates, data, keep)
+            try:
+                written = save_checkpoint(root, updates, data, keep, run_id=self.cfg.run.run_id)
+            except Exception as exc:
+                self.checkpoint_failures_total += 1
+                self.consecutive_checkpoint_failures += 1
+                self._last_checkpoint_error = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "checkpoint %s failed (%d in a row, %d in all): %s",
+                    redact(path),
+                    self.consecutive_checkpoint_failures,
+                    self.checkpoint_failures_total,
+                    self._last_checkpoint_error,
+                )
+                raise
+            self.consecutive_checkpoint_failures = 0
             self.last_checkpoint = written
             log.info("checkpoint %s", written)
             return written
@@ -259,13 +303,17 @@ class Learner:
         return future.result() if wait else path
 
     def restore(self, path: str | Path, min_version: int = 0) -> str:
-        """Resume exactly from a checkpoint URI (or a run URI's newest complete one); returns its URI.
+        """Resume exactly from a checkpoint URI, or a run URI's newest checkpoint of this run's
+        lineage that verifies (newer corrupt ones are logged as skipped); returns its URI.
 
         ``min_version`` is the newest weight version collectors may hold (a learner that died
         after its checkpoint published more): the restored actor is then republished above
         it, since collectors only load versions newer than theirs.
         """
-        restored = resolve_checkpoint(path)
+        # Of this run's lineage only, past any checkpoint that fails verification.
+        restored, skipped = newest_verified(path, run_id=self.cfg.run.run_id or None)
+        for reason in skipped:
+            log.warning("restore: %s", reason)
         self.load_state(from_checkpoint(load_checkpoint(restored)))
         # Collectors get the restored actor under its saved version straight away.
         if self.weights_version > 0:
@@ -306,6 +354,7 @@ class Learner:
                 keys.WEIGHTS_VERSION_KEY: self.weights_version,
                 keys.NONFINITE_TOTAL_KEY: self.agent.nonfinite_total,
                 keys.CONSECUTIVE_NONFINITE_KEY: self.agent.consecutive_nonfinite,
+                keys.CHECKPOINT_FAILURES_TOTAL_KEY: self.checkpoint_failures_total,
                 "learner/train_seconds_total": self.train_seconds_total,
                 "learner/data_wait_seconds_total": self.data_wait_seconds_total,
                 "learner/checkpoint_snapshot_seconds_total": self.checkpoint_seconds_total,

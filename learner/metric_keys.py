@@ -31,6 +31,7 @@ UPDATES_TOTAL_KEY = "learner/updates_total"  # above 0 once the learner has upda
 WEIGHTS_VERSION_KEY = "learner/weights_version"
 NONFINITE_TOTAL_KEY = "learner/nonfinite_total"
 CONSECUTIVE_NONFINITE_KEY = "learner/consecutive_nonfinite"
+CHECKPOINT_FAILURES_TOTAL_KEY = "learner/checkpoint_failures_total"  # failed checkpoint writes
 READY_KEY = "learner/ready"  # 1.0 once replay holds enough transitions to train on
 CRITIC_LOSS_KEY = flat_key(CRITIC_LOSS)  # present only in results of calls that updated
 CRITIC_Q_MEAN_KEY = flat_key(CRITIC_Q_MEAN)

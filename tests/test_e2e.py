@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from learner.checkpoint import resolve_checkpoint, verify
+
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +68,10 @@ def test_train_then_evaluate(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit_reason"] == "budget" and summary["env_steps"] == 600
     assert summary["updates"] == updates and summary["collector_restarts"] == 0 and summary["corrupt_segments"] == 0
+    assert summary["checkpoint_failures"] == 0
+    # The final checkpoint the summary names exists, verifies, and is the run's latest.
+    verify(summary["final_checkpoint"])
+    assert resolve_checkpoint(out) == summary["final_checkpoint"]
 
     ev = _convoy("evaluate", "--checkpoint", str(out), "--episodes", "2", "--json", timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]

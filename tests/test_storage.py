@@ -216,13 +216,23 @@ def test_best_pointer_errors(run_uri: str) -> None:
         resolve_checkpoint(run_uri, "ckpt-0000000007")
 
 
-def test_rewriting_a_checkpoint_of_the_same_name_replaces_it(run_uri: str) -> None:
-    save_checkpoint(_ckpts(run_uri), 4, _data(4))
+def test_rewriting_a_checkpoint_of_the_same_name_never_removes_it(run_uri: str) -> None:
+    first = save_checkpoint(_ckpts(run_uri), 4, _data(4))
+    # The same contents again (a final checkpoint right after a periodic one): skipped.
+    assert save_checkpoint(_ckpts(run_uri), 4, _data(4)) == first
+    assert _names(run_uri) == ["ckpt-0000000004"]
     final = _data(4)
     final.state["env_steps"] = 999
-    save_checkpoint(_ckpts(run_uri), 4, final)
-    assert [(c.name, c.env_steps) for c in list_checkpoints(run_uri)] == [("ckpt-0000000004", 999)]
+    second = save_checkpoint(_ckpts(run_uri), 4, final)
+    # Other contents: a new name, the complete one stays until pruning removes it.
+    assert second != first and storage.basename(second).startswith("ckpt-0000000004-")
+    assert [(c.name, c.env_steps) for c in list_checkpoints(run_uri)] == [
+        ("ckpt-0000000004", 400),
+        (storage.basename(second), 999),
+    ]
     assert load_checkpoint(run_uri).state["env_steps"] == 999
+    manifest = json.loads(open_store(second).read_bytes("manifest.json"))
+    assert manifest["name"] == storage.basename(second)
 
 
 def test_pull_verifies_and_renames_into_place(run_uri: str, tmp_path: Path) -> None:

@@ -22,6 +22,12 @@ def register(sub: Subparsers) -> None:
     ckl = ck_sub.add_parser("list", help="complete checkpoints of a run: name, updates, env steps, time, size")
     ckl.add_argument("run", metavar="RUN", help="run storage URI (run.out_dir): a local path, s3://, gs://, file://")
     ckl.add_argument("--json", action="store_true", help="print a JSON list on stdout")
+    ckl.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every file and check its sha256 against the manifest; a checkpoint that fails is marked "
+        "CORRUPT (exit code 1)",
+    )
     ckl.set_defaults(func=_list)
     ckp = ck_sub.add_parser("pull", help="download a checkpoint and verify every sha256 against its manifest")
     ckp.add_argument("run", metavar="RUN", help="run storage URI (run.out_dir), or a checkpoint URI")
@@ -33,7 +39,7 @@ def register(sub: Subparsers) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    return list_command(args.run, args.json)
+    return list_command(args.run, args.json, verify=args.verify)
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -55,9 +61,13 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + "Z"
 
 
-def format_table(infos: list[CheckpointInfo]) -> str:
+def format_table(infos: list[CheckpointInfo], problems: dict[str, str] | None = None) -> str:
+    problems = problems or {}
     rows = [("NAME", "UPDATES", "ENV STEPS", "WEIGHTS", "TIME (UTC)", "SIZE", "")]
     for c in infos:
+        marks = ["best"] if c.best else []
+        if c.name in problems:
+            marks.append("CORRUPT")
         rows.append(
             (
                 c.name,
@@ -66,7 +76,7 @@ def format_table(infos: list[CheckpointInfo]) -> str:
                 f"v{c.weights_version}",
                 _when(c.time),
                 _size(c.size_bytes),
-                "best" if c.best else "",
+                " ".join(marks),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -78,26 +88,46 @@ def format_table(infos: list[CheckpointInfo]) -> str:
     return "\n".join(lines)
 
 
-def list_command(run: str, as_json: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def _verify_all(infos: list[CheckpointInfo]) -> dict[str, str]:
+    """Why each checkpoint that fails verification fails, by name."""
+    from learner.checkpoint import CheckpointError, verify
+
+    problems: dict[str, str] = {}
+    for c in infos:
+        try:
+            verify(c.uri)
+        except CheckpointError as exc:
+            problems[c.name] = str(exc)
+    return problems
+
+
+def list_command(
+    run: str, as_json: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr, verify: bool = False
+) -> int:
+    """Exit code 1 when ``verify`` found a checkpoint whose files do not match its manifest."""
     from common.storage import redact
     from learner.checkpoint import CheckpointError, scan_checkpoints
 
     try:
         infos, incomplete = scan_checkpoints(run)
+        problems = _verify_all(infos) if verify else {}
     except OSError as exc:  # unreachable store, no permission, missing bucket...
         raise CheckpointError(f"cannot read run {redact(run)!r}: {exc}") from None
     if as_json:
-        print(json.dumps([asdict(c) for c in infos], indent=2), file=out)
+        rows = [{**asdict(c), **({"verified": c.name not in problems} if verify else {})} for c in infos]
+        print(json.dumps(rows, indent=2), file=out)
     elif infos:
-        print(format_table(infos), file=out)
+        print(format_table(infos, problems), file=out)
     else:
         print(f"no complete checkpoint in {redact(run)} yet", file=err)
+    for name, why in problems.items():
+        print(f"CORRUPT {name}: {why}", file=err)
     if incomplete:
         print(
             f"incomplete (being written, or left by a writer that died; not listed): {', '.join(incomplete)}",
             file=err,
         )
-    return 0
+    return 1 if problems else 0
 
 
 def pull_command(run: str, name: str, to: str, out: TextIO = sys.stdout) -> int:

@@ -55,6 +55,8 @@ def evaluate(
     Episode ``k`` resets with seed ``seed + k``. ``video``: an MP4 path or URI to record every
     episode to, one after another (actors/video.py: the simulator's view beside the policy's
     frames, FRAME_WIDTH x FRAME_HEIGHT, one frame per step plus the reset frame per episode).
+    With ``latest``, a checkpoint that fails verification is skipped (and named on ``log``)
+    for the next older one.
     """
     # Imported here: torch and the simulators would slow every other command's start.
     import torch
@@ -64,13 +66,16 @@ def evaluate(
     from actors.evaluator import Evaluator
     from actors.video import FRAME_HEIGHT, FRAME_WIDTH, EpisodeRecorder
     from common.config import from_dict
-    from learner.checkpoint import load_checkpoint, resolve_checkpoint
+    from learner.checkpoint import load_checkpoint, newest_verified
 
     if episodes < 1:
         raise ValueError(f"--episodes={episodes}: must be >= 1")
     # Looked up at call time, not bound at import: a caller's redirect_stderr must take effect.
     out_log = log if log is not None else sys.stderr
-    path = resolve_checkpoint(checkpoint, name)
+    # ``latest`` of a run is its newest checkpoint that verifies; newer corrupt ones are named.
+    path, skipped = newest_verified(checkpoint, name)
+    for reason in skipped:
+        print(f"evaluate: {reason}", file=out_log, flush=True)
     data = load_checkpoint(path, networks=("actor",), full=False)
     cfg = from_dict(yaml.safe_load(data.config_yaml))
     torch.set_num_threads(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from common.config import load_config
 from deploy.cli.base import Subparsers
@@ -26,7 +27,8 @@ def register(sub: Subparsers) -> None:
         "--resume",
         default=None,
         metavar="RUN_DIR",
-        help="continue a run from its newest checkpoint (config from RUN_DIR/config.yaml unless --config)",
+        help="continue a run from its newest checkpoint that verifies, in the same directory and lineage "
+        "(config from RUN_DIR/config.yaml unless --config)",
     )
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.batch_size=128")
     t.set_defaults(func=command)
@@ -35,6 +37,7 @@ def register(sub: Subparsers) -> None:
 def command(args: argparse.Namespace) -> int:
     """Exit code 1 when the run gave up (a component kept failing), else 0."""
     from deploy.run.driver import train
+    from deploy.run.resolve import with_out_dir
 
     if args.resume:
         cfg = load_config(args.config, args.overrides) if args.config else load_run_config(args.resume, args.overrides)
@@ -43,5 +46,9 @@ def command(args: argparse.Namespace) -> int:
         config_path = args.config or default_config_path()
         if config_path.endswith("local-cpu.yaml") and not args.config:
             print(CPU_PROFILE_NOTE, flush=True)
-        summary = train(load_config(config_path, args.overrides))
+        cfg = load_config(config_path, args.overrides)
+        # Each fresh run gets its own directory unless run.out_dir names one; nothing resumes
+        # implicitly (a directory that holds a run is refused, naming --resume).
+        cfg = with_out_dir(cfg, Path(config_path).stem)
+        summary = train(cfg)
     return 1 if str(summary.get("exit_reason", "")).startswith("gave_up") else 0

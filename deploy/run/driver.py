@@ -18,9 +18,9 @@ from typing import Any, TextIO
 from common.config import ConvoyConfig
 from deploy.run.evaluation import EvalScheduler, format_eval
 from deploy.run.finish import close_actors, summarize
-from deploy.run.placement import Placement, make_control, place, ray_init_options
+from deploy.run.placement import Placement, check_run_is_new, make_control, place, ray_init_options
 from deploy.run.progress import Progress
-from deploy.run.resolve import resolve
+from deploy.run.resolve import newest_checkpoint, resolve, write_config
 from deploy.run.supervisor import GiveUp, Supervisor
 from deploy.run.telemetry import RunTelemetry
 
@@ -50,6 +50,10 @@ def train(cfg: ConvoyConfig, out: TextIO = sys.stdout, resume: str | Path | None
     summary: dict[str, Any] = {}
     try:
         ray.init(**ray_init_options(cfg, namespace))
+        # The run is validated (config, resume target, directory, not already running)
+        # before anything is written to its directory.
+        check_run_is_new(run.name, namespace)
+        write_config(run, out)
         placed = place(cfg, run.name, run.bind, namespace, run.resume, out)
         # Every component's metric dict arrives here: exported once, and written as curves.
         telemetry = RunTelemetry(cfg, run.name)
@@ -84,16 +88,6 @@ def _supervise(supervisor: Supervisor, out: TextIO) -> str:
         return f"gave_up: {exc}"
 
 
-def newest_checkpoint(run_uri: str) -> str | None:
-    """Where a replacement learner restores from: the run's newest complete checkpoint, if any."""
-    from learner.checkpoint import CheckpointError, resolve_checkpoint
-
-    try:
-        return str(resolve_checkpoint(run_uri))
-    except CheckpointError:
-        return None
-
-
 def _supervisor(
     cfg: ConvoyConfig,
     placed: Placement,
@@ -123,7 +117,7 @@ def _supervisor(
         out,
         control=placed.control,
         make_control=functools.partial(make_control, namespace),
-        restore_path=functools.partial(newest_checkpoint, cfg.run.out_dir),
+        restore_path=functools.partial(newest_checkpoint, cfg),
         on_tick=on_tick,
     )
     supervisor.shard_ports = placed.shard_ports

@@ -94,7 +94,7 @@ class EvalScheduler:
         self.start = time.monotonic()
         self.next_due = (start_updates // self.every + 1) * self.every if self.every else 0
         self.history = read_history(self.run_uri)
-        best = best_checkpoint(self.run_uri) if self.every else None
+        best = best_checkpoint(self.run_uri, cfg.run.run_id or None) if self.every else None
         self.best_name: str | None = best[0] if best else None
         self.best_score = score(best[1]) if best else (-math.inf, -math.inf)
         self.last: dict[str, Any] | None = self.history[-1] if self.history else None

@@ -13,6 +13,7 @@ from deploy.run.evaluation import EvalScheduler, format_eval
 from deploy.run.progress import Progress
 from deploy.run.resolve import run_name
 from deploy.run.supervisor import Supervisor
+from learner.metric_keys import CHECKPOINT_FAILURES_TOTAL_KEY
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def summarize(
         "shard_restarts": progress.counts.shard_restarts,
         "dropped_transitions": int(s["run/dropped_transitions_total"]),
         "corrupt_segments": int(s["run/corrupt_segments_total"]),
+        "checkpoint_failures": int(progress.learner.get(CHECKPOINT_FAILURES_TOTAL_KEY, 0)),
         "final_checkpoint": final,
         "elapsed_seconds": round(s["run/elapsed_seconds"], 2),
         "env_steps_per_s": round(s["run/env_steps_per_s"], 2),
