@@ -118,6 +118,8 @@ class ReplaySampler:
         self.mirror = resolve_mode(mirror, dev.type == "cuda")
         self._resident: ResidentMirror | None = None
         if self.mirror != "off":
+            if capacity < 1:
+                raise ValueError(f"capacity={capacity!r}: the resident mirror is sized by replay.capacity (>= 1)")
             dev = dev if self.mirror == "device" else torch.device("cpu")
             check_memory(self.mirror, capacity, segment_length, dev)
             units = mirror_units(capacity, segment_length)
@@ -238,10 +240,15 @@ class ReplaySampler:
         """Poll the shards' counters for the rate limiter on the index clients, so only when no
         refresh is using them: resetting a client here would close the socket a refresh is
         reading from, and a healthy shard would be dropped. A refresh running now updates the
-        counters itself."""
-        self._refresher.try_with_clients(
-            lambda clients: poll_counters(clients, self._health, self._counters_polled, self._shard_lost)
-        )
+        counters itself. From the mirror, the samples not yet reported go first: the writers may
+        be waiting for them while this side waits for inserts."""
+
+        def poll(clients: Sequence[ShardClient]) -> None:
+            if self._resident is not None:
+                self._report_sampled(clients)
+            poll_counters(clients, self._health, self._counters_polled, self._shard_lost)
+
+        self._refresher.try_with_clients(poll)
 
     def _counters_polled(self, i: int, stats: ShardStats) -> None:
         if stats.epoch != self._index.mirror(i).epoch:
@@ -306,6 +313,8 @@ class ReplaySampler:
             try:
                 if n and self._health[i].up and clients[i].generation == self._health[i].generation:
                     clients[i].report_sampled(n)
+                    with self._lock:
+                        c.stats.sampled_total += n  # the shard's count now holds them
                     continue
             except (ShardUnavailable, ShardAuthError) as exc:
                 self._shard_lost(i, exc)
