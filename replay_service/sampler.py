@@ -15,9 +15,8 @@ now) and retried with backoff; an epoch change means it restarted empty and its 
 over. A transition whose bytes are missing (evicted after the mirror saw it) or corrupt is
 counted and redrawn, so the batch stays uniform over what is readable.
 
-With ``mirror`` set to ``device`` or ``host`` none of that runs per batch: the learner keeps a
-resident copy of everything stored (mirror.py) that the refresh loads segment by segment, and
-a batch is a gather from it; the samples are reported to the shards every ``report_every_s``.
+With ``mirror`` set to ``device`` or ``host`` none of that runs per batch: a batch is a gather
+from the learner's resident copy of everything stored (mirror.py), which the refresh loads.
 
 Threads: the mirrors and the snapshot live in index.py (one lock, no I/O under it). The index
 clients belong to the :class:`IndexRefresher` and are used only under its lock (refreshes, and
@@ -49,8 +48,6 @@ from replay_service.index import IndexRefresher, ShardIndex, Snapshot
 from replay_service.mirror import ResidentMirror, check_memory, mirror_units, resolve_mode
 from replay_service.ratelimit import SampleToInsertRatio, poll_counters
 from replay_service.shards import ShardClient, ShardHealth, ShardStats, check_shards_at_start
-
-__all__ = ["ReplaySampler", "SampleError"]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +121,7 @@ class ReplaySampler:
             check_memory(self.mirror, capacity, segment_length, dev)
             units = mirror_units(capacity, segment_length)
             self._resident = ResidentMirror(self._index, units, dev, self.pin_memory)
-        self._reported_at = 0.0
+        self._reported_at = 0.0  # when the mirror's samples last went to the shards
         # The index clients: used only under the refresher's lock (one RESP connection each, and
         # resetting one closes the socket under whoever is reading it).
         self._refresher = IndexRefresher(
@@ -298,20 +295,21 @@ class ReplaySampler:
             for s, n in enumerate(np.bincount(shard, minlength=len(self.urls)).tolist()):
                 self._counters[s].sampled_total += n
                 self._counters[s].unreported += n
-        now = time.monotonic()
-        if now - self._reported_at >= (self.rate_limit_poll_s if self.limiter.enabled else self.index_refresh_s):
-            self._reported_at = now
+        if time.monotonic() - self._reported_at >= (self.rate_limit_poll_s if self.limiter.enabled else 0.25):
+            self._reported_at = time.monotonic()
             self._refresher.try_with_clients(self._report_sampled)
         return batch
 
     def _report_sampled(self, clients: Sequence[ShardClient]) -> None:
-        """Hand the shards the samples drawn from the mirror (the writers' rate limiter reads
-        them there); on the index clients, so only under the refresher's lock."""
+        """Hand the shards the samples not reported yet (the writers' rate limiter reads them
+        there); on the index clients, so only under the refresher's lock or after the threads."""
         for i, c in enumerate(self._counters):
             with self._lock:
                 n, c.unreported = c.unreported, 0
             try:
-                if n and self._health[i].up and clients[i].generation == self._health[i].generation:
+                if n and self._health[i].up:
+                    if clients[i].generation != self._health[i].generation:
+                        clients[i].reset(self._health[i].generation)
                     clients[i].report_sampled(n)
                     with self._lock:
                         c.stats.sampled_total += n  # the shard's count now holds them
@@ -495,14 +493,7 @@ class ReplaySampler:
             self._stop.set()
             for th in self._threads:
                 th.join(timeout=5)
-        # Hand the samples not yet reported to the shards, so writers' limiters see them.
-        for i, c in enumerate(self._counters):
-            if c.unreported and self._health[i].up:
-                try:
-                    self._refresher.clients[i].report_sampled(c.unreported)
-                    c.unreported = 0
-                except (ShardUnavailable, ShardAuthError):
-                    pass
+        self._report_sampled(self._refresher.clients)  # so that writers' limiters see them
         self._close_clients()
 
     def __enter__(self) -> ReplaySampler:
