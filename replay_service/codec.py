@@ -336,6 +336,8 @@ def decode_units(blob: bytes, out_frames: np.ndarray) -> np.ndarray:
     if not _check_records(pairs).all():
         raise CorruptSegmentError("step record has unknown flag bits or non-finite values")
     n = t + STACK
+    if len(out_frames) < n:
+        raise CorruptSegmentError(f"segment holds {t} transitions, more than the index says")
     dest = out_frames[:n]
     heads = units[(table[:-1] + UNIT_HEAD)[:, None] + np.arange(len(ZSTD_FRAME_HEAD))]
     if codec_id == CODEC_ZSTD and (heads == _ZSTD_HEAD_ARR).all() and dest.flags.c_contiguous:

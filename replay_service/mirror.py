@@ -56,7 +56,6 @@ from common.config import ConfigError
 from common.schema import ACTION_DIM, FRAME_SHAPE, STACK, VECTOR_DIM, Batch
 from replay_service.codec import (
     FRAME_BYTES,
-    RECORD_DTYPE,
     SPAN,
     TERMINATED,
     TRUNCATED,
@@ -204,8 +203,28 @@ class UnitRing:
         with self._cond:
             self._pending[:] = False
 
-    def write(self, slots: np.ndarray, frames: np.ndarray, records: np.ndarray) -> None:
-        """Units into ``slots`` (taken, so no gather reads them): frames (n, 84, 84), records (n,)."""
+    def untake(self, slots: np.ndarray) -> None:
+        """Give back slots taken but never written (pending, so in no snapshot)."""
+        with self._cond:
+            self._pending[slots] = False
+            self._free[self._nfree : self._nfree + len(slots)] = slots[::-1]
+            self._nfree += len(slots)
+
+    def run(self, slots: np.ndarray) -> np.ndarray | None:
+        """The host frames of ``slots`` as one writable array when they are consecutive, else None."""
+        if self.device.type != "cpu" or int(slots[-1]) - int(slots[0]) != len(slots) - 1:
+            return None
+        if len(slots) > 1 and (np.diff(slots) != 1).any():
+            return None
+        return self.frames[int(slots[0]) : int(slots[-1]) + 1].numpy()
+
+    def write_frames(self, slots: np.ndarray, frames: np.ndarray) -> None:
+        """Frames (n, 84, 84) into ``slots`` (taken, so no gather reads them)."""
+        idx = torch.from_numpy(slots).to(self.device)
+        self.frames.index_copy_(0, idx, torch.from_numpy(frames).to(self.device))
+
+    def write_records(self, slots: np.ndarray, records: np.ndarray) -> None:
+        """Step records (n,) into ``slots`` (taken, so no gather reads them)."""
         floats = np.empty((len(records), RECORD_FLOATS), np.float32)
         floats[:, _V] = records["vector"]
         floats[:, _A] = records["action"]
@@ -213,7 +232,6 @@ class UnitRing:
         floats[:, _TERM] = (records["flags"] & TERMINATED) != 0
         floats[:, _TRUNC] = (records["flags"] & TRUNCATED) != 0
         idx = torch.from_numpy(slots).to(self.device)
-        self.frames.index_copy_(0, idx, torch.from_numpy(frames).to(self.device))
         self.floats.index_copy_(0, idx, torch.from_numpy(floats).to(self.device))
         self.version.index_copy_(0, idx, torch.from_numpy(records["version"].astype(np.int64)).to(self.device))
 
@@ -277,28 +295,35 @@ class ResidentMirror:
         on_corrupt: Callable[[int, int, CorruptSegmentError], None],
         out: Loaded,
     ) -> None:
-        frames = np.empty((sum(n + STACK for _, n in chunk), *FRAME_SHAPE), np.uint8)
-        records = np.empty(len(frames), RECORD_DTYPE)
+        # Frames decode straight into the ring where their slots are one run of host memory (a
+        # fresh ring, or room freed in order), else into ``staged`` and are copied in at the end.
+        staged = np.empty((sum(n + STACK for _, n in chunk), *FRAME_SHAPE), np.uint8)
+        staged_slots: list[np.ndarray] = []
+        records: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         row = 0
         for (seq, n), value in zip(chunk, values, strict=True):
             if value is None or value == b"":
                 continue  # evicted since the lengths were read
-            try:
-                if not isinstance(value, bytes):
-                    raise CorruptSegmentError(f"GET answered {value!r:.100}")
-                recs = decode_units(value, frames[row : row + n + STACK])
-                if len(recs) != n + STACK:
-                    raise CorruptSegmentError(f"value holds {len(recs) - STACK} transitions, the index says {n}")
-            except CorruptSegmentError as exc:
-                on_corrupt(shard, seq, exc)
-                continue
             taken = self.ring.take(n + STACK)
             if taken is None:
                 self._full(shard, seq)
                 continue
-            records[row : row + n + STACK] = recs
-            row += n + STACK
+            direct = self.ring.run(taken)
+            try:
+                if not isinstance(value, bytes):
+                    raise CorruptSegmentError(f"GET answered {value!r:.100}")
+                recs = decode_units(value, staged[row : row + n + STACK] if direct is None else direct)
+                if len(recs) != n + STACK:
+                    raise CorruptSegmentError(f"value holds {len(recs) - STACK} transitions, the index says {n}")
+            except CorruptSegmentError as exc:
+                self.ring.untake(taken)  # pending, never in a snapshot: free again at once
+                on_corrupt(shard, seq, exc)
+                continue
+            if direct is None:
+                staged_slots.append(taken)
+                row += n + STACK
+            records.append(recs)
             slots.append(taken)
             self.pulled_bytes_total += len(value)
             seqs, lengths, uoffs, codecs, tables = out
@@ -307,8 +332,10 @@ class ResidentMirror:
             uoffs.append(0)  # no byte offsets: the table holds ring slots
             codecs.append(0)
             tables.append(taken)
+        if staged_slots:
+            self.ring.write_frames(np.concatenate(staged_slots), staged[:row])
         if slots:
-            self.ring.write(np.concatenate(slots), frames[:row], records[:row])
+            self.ring.write_records(np.concatenate(slots), np.concatenate(records))
             self.loaded_total += len(slots)
 
     def _full(self, shard: int, seq: int) -> None:

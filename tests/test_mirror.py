@@ -67,7 +67,12 @@ def test_mirror_and_byte_ranges_draw_the_same_distribution() -> None:
     assert p_same > 1e-3, f"mirror and byte-range batches differ in distribution (p={p_same:.2e})"
 
 
-def test_batch_holds_exactly_what_the_segment_holds(two_shards: list[str]) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["decoded-into-ring", "staged-then-copied"])
+def test_batch_holds_exactly_what_the_segment_holds(
+    two_shards: list[str], direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not direct:  # as on a GPU, or where free slots are scattered
+        monkeypatch.setattr(UnitRing, "run", lambda self, slots: None)
     segs = [make_segment(t=3 + 4 * i, episode=i, index=i, terminated=i % 2 == 1) for i in range(6)]
     w = ReplayWriter(two_shards, capacity=1000)
     for seg in segs:
