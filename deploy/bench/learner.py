@@ -258,6 +258,9 @@ def _fed_rate(
     with ShardSet(num_shards=1, executable=cfg.replay.redis_server) as shards:
         _fill_replay(cfg, shards.urls, segments, replay_transitions)
         source = source_factory(cfg, shards.urls, pin_memory=timing.cuda)()
+        # With the resident mirror the sampler first pulls everything stored (a restarted
+        # learner's refill); until then train() returns without updates. Time updates only.
+        source.refresh_index()
         with tempfile.TemporaryDirectory(prefix="convoy-bench-") as tmp:
             learner = Learner(cfg, source, tmp)
 
