@@ -261,6 +261,16 @@ class ReplayConfig:
         max=32,
     )
     index_refresh_s: float = opt(0.25, "How often the sampler refreshes its view of the shards' contents.", min=0.0)
+    mirror: str = opt(
+        "auto",
+        "Learner-resident replay: every stored segment is pulled once, decoded once and kept in a ring on the "
+        "learner, and a batch is a gather from it. device = GPU memory, host = host memory, auto = device on a "
+        "GPU learner else host, off = fetch and decode each sampled transition's bytes per batch (little memory, "
+        "~10x slower). Needs about replay.capacity x (1 + 8 / collector.segment_length) x 7,176 bytes (a 7,056-byte "
+        "frame plus its step record per slot; T + 4 frames per segment of T steps, with room for segments half as "
+        "long on average): 0.8 GB for 100,000 transitions in 64-step segments. Checked when the learner starts.",
+        choices=("auto", "device", "host", "off"),
+    )
     samples_per_insert: float = opt(
         256.0,
         "Rate limiter (Reverb SampleToInsertRatio): sampled transitions per inserted transition, the replay ratio; "

@@ -42,7 +42,7 @@ decode to exactly one 84x84 frame, so a corrupt value cannot shift pixels betwee
 lz4 and 'none' stay readable (per-frame path); a frame stored at exactly 84*84 bytes under
 lz4 is stored raw (compression did not help).
 
-The writer and every reader of this layout stay in this one module (a little over 400 lines,
+The writer and every reader of this layout stay in this one module (some 460 lines,
 a tenth of it this description): the offsets the encoder writes are the offsets the index
 parser and the batch decoder trust, so a change to one side is checked against the other here.
 """
@@ -314,6 +314,48 @@ def decode_segment(blob: bytes) -> Segment:
     except ValueError as exc:
         raise CorruptSegmentError(f"decoded segment breaks the contract: {exc}") from None
     return seg
+
+
+def decode_units(blob: bytes, out_frames: np.ndarray) -> np.ndarray:
+    """Every unit of a whole segment value, for the learner's resident mirror (mirror.py).
+
+    Writes frames ``0 .. T+3`` into ``out_frames`` (at least T + 4 rows of 84x84) and returns
+    the T + 4 records. Checks what the byte-range path checks per transition, once for the
+    whole segment; zstd segments decode in one stream call (records skipped as skippable
+    frames). Raises only :class:`CorruptSegmentError`.
+    """
+    codec_id, t, _, uoff, total = parse_prefix(blob)
+    if len(blob) != total:
+        raise CorruptSegmentError(f"value is {len(blob)} bytes, prefix says {total}")
+    table = parse_index(blob)[4]
+    units = np.frombuffer(blob, np.uint8, offset=uoff)
+    _check_units(units, table)
+    rec_idx = (table[:-1, None] + len(SKIP_HEADER)) + np.arange(RECORD_SIZE)
+    records = units[rec_idx].reshape(-1).view(RECORD_DTYPE)
+    pairs = np.stack([records[:t], records[1 : t + 1]], axis=1)  # (t, 2): what transition t reads
+    if not _check_records(pairs).all():
+        raise CorruptSegmentError("step record has unknown flag bits or non-finite values")
+    n = t + STACK
+    if len(out_frames) < n:
+        raise CorruptSegmentError(f"segment holds {t} transitions, more than the index says")
+    dest = out_frames[:n]
+    heads = units[(table[:-1] + UNIT_HEAD)[:, None] + np.arange(len(ZSTD_FRAME_HEAD))]
+    if codec_id == CODEC_ZSTD and (heads == _ZSTD_HEAD_ARR).all() and dest.flags.c_contiguous:
+        try:
+            got = frame_codec(CODEC_ZSTD).decompress_stream_into(
+                memoryview(units.data), memoryview(dest.reshape(-1).data)
+            )
+        except zstandard.ZstdError as exc:
+            raise CorruptSegmentError(f"zstd stream does not decode: {exc}") from None
+        if got != dest.size:
+            raise CorruptSegmentError(f"zstd stream decoded to {got} bytes, expected {dest.size}")
+        return records
+    codec = frame_codec(codec_id)
+    view = memoryview(units.data)
+    for i in range(n):
+        raw = codec.decompress(view[int(table[i]) + UNIT_HEAD : int(table[i + 1])])
+        dest[i] = np.frombuffer(raw, dtype=np.uint8).reshape(FRAME_SHAPE)
+    return records
 
 
 def _check_records(recs: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The errors of talking to a replay shard, shared by the launcher, the RESP client and the shard client."""
+"""The errors of talking to a replay shard, shared by the launcher, the RESP client and the shard client,
+and the sampler's own."""
 
 from __future__ import annotations
 
@@ -13,3 +14,7 @@ class ShardUnavailable(ShardError):
 
 class ShardAuthError(ShardError):
     """A shard refused our credentials: a configuration error, never retried at start."""
+
+
+class SampleError(RuntimeError):
+    """Sampling failed (for example, every shard is empty or unreachable)."""

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -33,7 +34,9 @@ def _empty(dtype: type) -> np.ndarray:
 class Mirror:
     """Local copy of one shard's live segments, oldest first: for each segment its seq, its
     transition count, where its units start, its codec and (in ``tab`` from ``tab_base``) its
-    unit offset table. ``next_seq`` is the last seq the shard had handed out when read."""
+    unit table: where unit ``i`` lives, as byte offsets in the value (T + 5 entries, byte-range
+    sampling) or as slots of the learner's resident ring (T + 4 entries, mirror.py).
+    ``next_seq`` is the last seq the shard had handed out when read."""
 
     epoch: str = ""
     seqs: np.ndarray = field(default_factory=lambda: _empty(np.int64))
@@ -150,6 +153,10 @@ class ShardIndex:
     def mirror(self, shard: int) -> Mirror:
         return self._mirrors[shard]
 
+    @property
+    def mirrors(self) -> tuple[Mirror, ...]:
+        return self._mirrors
+
     def commit(self, updates: dict[int, tuple[Mirror, Mirror]]) -> None:
         """Install ``{shard: (read, new)}``: each new mirror only if ``read`` is still the
         shard's mirror (else the shard was lost or quarantined since; that change wins)."""
@@ -192,6 +199,28 @@ class ShardIndex:
         self._mirrors = frozen
 
 
+# A loader's answer: (seqs, lengths, uoffs, codecs, unit tables) of the segments it took.
+Loaded = tuple[list[int], list[int], list[int], list[int], list[np.ndarray]]
+
+
+class SegmentLoader(Protocol):
+    """Takes a shard's new segments in whole instead of reading their offset tables (the
+    learner's resident mirror, mirror.py). The refresher commits a shard's evictions before
+    calling :meth:`load`, so their room is free again, and calls :meth:`settle` after every
+    refresh, committed or not."""
+
+    def load(
+        self,
+        shard: int,
+        client: ShardClient,
+        epoch: str,
+        live: Sequence[tuple[int, int]],
+        on_corrupt: Callable[[int, int, CorruptSegmentError], None],
+    ) -> Loaded: ...
+
+    def settle(self) -> None: ...
+
+
 class IndexRefresher:
     """Brings a :class:`ShardIndex` up to date from the shards, over clients of its own.
 
@@ -202,7 +231,7 @@ class IndexRefresher:
 
     What a refresh learns goes to the owner's callbacks: ``on_stats`` (a shard's counters),
     ``on_restart`` (a shard came back empty) and ``on_corrupt`` (a segment index that does not
-    parse; the segment is left out of the mirror).
+    parse; the segment is left out of the mirror). With a ``loader`` new segments go to it.
     """
 
     def __init__(
@@ -215,8 +244,10 @@ class IndexRefresher:
         on_stats: Callable[[int, ShardStats], None],
         on_restart: Callable[[int, ShardStats], None],
         on_corrupt: Callable[[int, int, CorruptSegmentError], None],
+        loader: SegmentLoader | None = None,
     ) -> None:
         self.index = index
+        self.loader = loader
         self.clients = list(clients)
         self.health = list(health)
         self.interval_s = interval_s
@@ -261,17 +292,23 @@ class IndexRefresher:
     def _refresh_locked(self) -> None:
         """Refresh every shard's mirror; the caller holds ``lock``."""
         updates: dict[int, tuple[Mirror, Mirror]] = {}
-        for i in range(len(self.clients)):
-            read = self.index.mirror(i)
-            new = self._refresh_shard(i, read)
-            if new is not None:
-                updates[i] = (read, new)
-        # A shard lost by another thread since we read its mirror stays lost (see ShardIndex.commit).
-        self.index.commit(updates)
+        try:
+            for i in range(len(self.clients)):
+                read = self.index.mirror(i)
+                new = self._refresh_shard(i, read)
+                if new is not None:
+                    updates[i] = new
+            # A shard lost by another thread since we read its mirror stays lost (see ShardIndex.commit).
+            self.index.commit(updates)
+        finally:
+            if self.loader is not None:
+                self.loader.settle()
         self._last_refresh = time.monotonic()
 
-    def _refresh_shard(self, i: int, m: Mirror) -> Mirror | None:
-        """Shard ``i``'s mirror brought up to date from ``m``; None when the shard is skipped or lost."""
+    def _refresh_shard(self, i: int, m: Mirror) -> tuple[Mirror, Mirror] | None:
+        """(the mirror to replace, shard ``i``'s mirror brought up to date from ``m``); None when
+        the shard is skipped or lost."""
+        read = m
         health = self.health[i]
         if not health.available():
             return None
@@ -292,14 +329,23 @@ class IndexRefresher:
             m = m.without_before(stats.head)
             new = list(range(max(m.next_seq + 1, stats.head), stats.next + 1))
             if not new:
-                return m
+                return read, m
             lengths = client.lengths(new)
             live = [(s, n) for s, n in zip(new, lengths, strict=True) if n is not None]
+            if self.loader is not None:
+                if m is not read:
+                    # Evictions first: the loader reuses their room for the new segments.
+                    self.index.commit({i: (read, m)})
+                    if self.index.mirror(i) is not m:
+                        return None  # lost meanwhile
+                    read = m
+                loaded = self.loader.load(i, client, m.epoch, live, self._on_corrupt)
+                return read, m.extended(stats.next, *loaded)
             heads = client.indexes(m.epoch, [s for s, _ in live], [n for _, n in live]) if live else []
         except (ShardUnavailable, ShardAuthError) as exc:
             self.lost(i, exc)
             return None
-        return self._extend(i, m, stats.next, live, heads)
+        return read, self._extend(i, m, stats.next, live, heads)
 
     def _extend(
         self, i: int, m: Mirror, next_seq: int, live: Sequence[tuple[int, int]], heads: Sequence[object]

@@ -15,6 +15,9 @@ now) and retried with backoff; an epoch change means it restarted empty and its 
 over. A transition whose bytes are missing (evicted after the mirror saw it) or corrupt is
 counted and redrawn, so the batch stays uniform over what is readable.
 
+With ``mirror`` set to ``device`` or ``host`` none of that runs per batch: a batch is a gather
+from the learner's resident copy of everything stored (mirror.py), which the refresh loads.
+
 Threads: the mirrors and the snapshot live in index.py (one lock, no I/O under it). The index
 clients belong to the :class:`IndexRefresher` and are used only under its lock (refreshes, and
 the rate limiter's counter poll when no refresh runs); each worker thread has its own clients
@@ -32,7 +35,6 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -40,48 +42,17 @@ import torch
 
 from common.schema import FRAME_SHAPE, Batch
 from replay_service.codec import RECORD_DTYPE, SPAN, TERMINATED, CorruptSegmentError, decode_batch
-from replay_service.errors import ShardAuthError, ShardUnavailable
+from replay_service.counters import SIZE, WAIT_SECONDS_TOTAL, LogOnce, ShardCounters, shard_metrics
+from replay_service.errors import SampleError, ShardAuthError, ShardUnavailable
 from replay_service.index import IndexRefresher, ShardIndex, Snapshot
+from replay_service.mirror import ResidentMirror, check_memory, mirror_units, resolve_mode
 from replay_service.ratelimit import SampleToInsertRatio, poll_counters
 from replay_service.shards import ShardClient, ShardHealth, ShardStats, check_shards_at_start
 
 log = logging.getLogger(__name__)
 
-# Metric keys the control plane and the benchmarks read (run progress, replay size, data wait).
-SIZE = "replay_sampler/size"
-SAMPLED_TRANSITIONS_TOTAL = "replay_sampler/sampled_transitions_total"
-CORRUPT_TOTAL = "replay_sampler/corrupt_total"
-WAIT_SECONDS_TOTAL = "replay_sampler/wait_seconds_total"
-
 _ARANGE_OFFS = np.arange(SPAN + 1)
 _MAX_ATTEMPTS = 8
-
-
-class SampleError(RuntimeError):
-    """Sampling failed (for example, every shard is empty or unreachable)."""
-
-
-class _LogOnce:
-    """Warn on the first occurrence of a kind of bad data per shard, then every 60 s with a count."""
-
-    def __init__(self) -> None:
-        self._last: dict[tuple[int, str], float] = {}
-
-    def warn(self, shard: int, kind: str, count: int, detail: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get((shard, kind), -1e9) >= 60.0:
-            self._last[(shard, kind)] = now
-            log.warning("replay shard %d: %s (%d so far, skipped): %s", shard, kind, count, detail)
-
-
-@dataclass
-class _ShardCounters:
-    stats: ShardStats = field(default_factory=ShardStats)
-    sampled_total: int = 0
-    corrupt_total: int = 0
-    missing_total: int = 0
-    restarts_total: int = 0
-    unreported: int = 0  # sampled here, not yet added to the shard's sampled_total
 
 
 class ReplaySampler:
@@ -95,6 +66,10 @@ class ReplaySampler:
     min_size_to_sample: early batches would repeat the first few segments). With
     ``samples_per_insert > 0`` a batch waits until the collectors have inserted enough
     (ratelimit.py); the time spent is reported as ``replay_sampler/rate_limit_wait_seconds_total``.
+
+    ``mirror``: ``off`` (byte ranges per batch), ``host``, ``device`` (a resident copy of
+    ``capacity`` transitions in segments of up to ``segment_length`` steps, on ``device``) or
+    ``auto`` (``device`` when ``device`` is a GPU); refused at start when it does not fit.
     """
 
     def __init__(
@@ -113,6 +88,10 @@ class ReplaySampler:
         spi_tolerance: float = 65_536.0,
         rate_limit_poll_s: float = 0.01,
         timeout: float = 5.0,
+        mirror: str = "off",
+        capacity: int = 0,
+        segment_length: int = 64,
+        device: str = "cpu",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
@@ -130,8 +109,19 @@ class ReplaySampler:
         self._health = [ShardHealth(i, u, "replay sampler") for i, u in enumerate(self.urls)]
         self._clients: dict[int, list[ShardClient]] = {}  # per worker thread, used only by it
         self._index = ShardIndex(len(self.urls))
-        self._counters = [_ShardCounters() for _ in self.urls]
+        self._counters = [ShardCounters() for _ in self.urls]
         self._lock = threading.Lock()  # counters
+        dev = torch.device(device)
+        self.mirror = resolve_mode(mirror, dev.type == "cuda")
+        self._resident: ResidentMirror | None = None
+        if self.mirror != "off":
+            if capacity < 1:
+                raise ValueError(f"capacity={capacity!r}: the resident mirror is sized by replay.capacity (>= 1)")
+            dev = dev if self.mirror == "device" else torch.device("cpu")
+            check_memory(self.mirror, capacity, segment_length, dev)
+            units = mirror_units(capacity, segment_length)
+            self._resident = ResidentMirror(self._index, units, dev, self.pin_memory)
+        self._reported_at = 0.0  # when the mirror's samples last went to the shards
         # The index clients: used only under the refresher's lock (one RESP connection each, and
         # resetting one closes the socket under whoever is reading it).
         self._refresher = IndexRefresher(
@@ -142,10 +132,11 @@ class ReplaySampler:
             on_stats=self._update_stats,
             on_restart=self._shard_restarted,
             on_corrupt=self._corrupt_index,
+            loader=self._resident,
         )
         self._reserved = 0  # transitions of batches in flight (rate limiter)
         self._rng = np.random.default_rng(seed)
-        self._bad_log = _LogOnce()
+        self._bad_log = LogOnce()
         self.wait_seconds_total = 0.0
         self.rate_limit_wait_seconds_total = 0.0
         self._check_start()
@@ -246,10 +237,15 @@ class ReplaySampler:
         """Poll the shards' counters for the rate limiter on the index clients, so only when no
         refresh is using them: resetting a client here would close the socket a refresh is
         reading from, and a healthy shard would be dropped. A refresh running now updates the
-        counters itself."""
-        self._refresher.try_with_clients(
-            lambda clients: poll_counters(clients, self._health, self._counters_polled, self._shard_lost)
-        )
+        counters itself. From the mirror, the samples not yet reported go first: the writers may
+        be waiting for them while this side waits for inserts."""
+
+        def poll(clients: Sequence[ShardClient]) -> None:
+            if self._resident is not None:
+                self._report_sampled(clients)
+            poll_counters(clients, self._health, self._counters_polled, self._shard_lost)
+
+        self._refresher.try_with_clients(poll)
 
     def _counters_polled(self, i: int, stats: ShardStats) -> None:
         if stats.epoch != self._index.mirror(i).epoch:
@@ -265,6 +261,8 @@ class ReplaySampler:
         b = self.batch_size
         if not self._acquire(b):
             raise SampleError("sampler is closing")
+        if self._resident is not None:
+            return self._sample_resident(b, rng)
         # Frames t..t+4 of each transition are decoded straight into this (pinned) tensor; the
         # observation and next-observation stacks are views of it, never copies.
         frames = torch.empty((b, SPAN, *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
@@ -286,6 +284,40 @@ class ReplaySampler:
         if self.pin_memory:
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
         return Batch.from_frames(frames, **tensors)
+
+    def _sample_resident(self, b: int, rng: np.random.Generator) -> Batch:
+        try:
+            batch, shard = self._resident.sample(b, rng)  # type: ignore[union-attr]
+        finally:
+            with self._lock:
+                self._reserved -= b if self.limiter.enabled else 0
+        with self._lock:
+            for s, n in enumerate(np.bincount(shard, minlength=len(self.urls)).tolist()):
+                self._counters[s].sampled_total += n
+                self._counters[s].unreported += n
+        if time.monotonic() - self._reported_at >= (self.rate_limit_poll_s if self.limiter.enabled else 0.25):
+            self._reported_at = time.monotonic()
+            self._refresher.try_with_clients(self._report_sampled)
+        return batch
+
+    def _report_sampled(self, clients: Sequence[ShardClient]) -> None:
+        """Hand the shards the samples not reported yet (the writers' rate limiter reads them
+        there); on the index clients, so only under the refresher's lock or after the threads."""
+        for i, c in enumerate(self._counters):
+            with self._lock:
+                n, c.unreported = c.unreported, 0
+            try:
+                if n and self._health[i].up:
+                    if clients[i].generation != self._health[i].generation:
+                        clients[i].reset(self._health[i].generation)
+                    clients[i].report_sampled(n)
+                    with self._lock:
+                        c.stats.sampled_total += n  # the shard's count now holds them
+                    continue
+            except (ShardUnavailable, ShardAuthError) as exc:
+                self._shard_lost(i, exc)
+            with self._lock:
+                c.unreported += n
 
     def _fetch(self, b: int, rng: np.random.Generator, worker: int, frames: np.ndarray) -> np.ndarray:
         """Draw, fetch and decode ``b`` transitions into ``frames`` (b, 5, 84, 84); redraws the
@@ -439,41 +471,15 @@ class ReplaySampler:
 
     def metrics(self) -> dict[str, float]:
         with self._lock:
-            counters = [
-                (
-                    c.stats,
-                    c.sampled_total,
-                    c.corrupt_total,
-                    c.missing_total,
-                    c.restarts_total,
-                )
-                for c in self._counters
-            ]
-        out: dict[str, float] = {
+            counters = [c.copy() for c in self._counters]
+        return {
             SIZE: self.size,
-            SAMPLED_TRANSITIONS_TOTAL: sum(c[1] for c in counters),
-            CORRUPT_TOTAL: sum(c[2] for c in counters),
-            "replay_sampler/missing_total": sum(c[3] for c in counters),
             WAIT_SECONDS_TOTAL: self.wait_seconds_total,
             "replay_sampler/rate_limit_wait_seconds_total": self.rate_limit_wait_seconds_total,
             "replay_sampler/ready_batches": self._queue.qsize(),
-            "replay_sampler/shards_up": sum(h.up for h in self._health),
+            **shard_metrics(counters, self._health),
+            **(self._resident.metrics() if self._resident is not None else {}),
         }
-        for i, ((stats, sampled, corrupt, missing, restarts), h) in enumerate(zip(counters, self._health, strict=True)):
-            p = f"replay_sampler/shard{i}/"
-            out[p + "up"] = float(h.up)
-            out[p + "transitions_stored"] = stats.size if h.up else 0
-            out[p + "bytes_stored"] = stats.bytes if h.up else 0
-            # The shard's own counters (every writer's inserts); they restart with the shard.
-            out[p + "inserted_transitions_total"] = stats.inserted_total
-            out[p + "evicted_transitions_total"] = stats.evicted_total
-            out[p + "sampled_transitions_total"] = sampled
-            out[p + "corrupt_total"] = corrupt
-            out[p + "missing_total"] = missing
-            out[p + "lost_total"] = h.lost_total
-            out[p + "reconnects_total"] = h.reconnects_total
-            out[p + "restarts_total"] = restarts
-        return out
 
     def _close_clients(self) -> None:
         for c in self._refresher.clients:
@@ -487,14 +493,7 @@ class ReplaySampler:
             self._stop.set()
             for th in self._threads:
                 th.join(timeout=5)
-        # Hand the samples not yet reported to the shards, so writers' limiters see them.
-        for i, c in enumerate(self._counters):
-            if c.unreported and self._health[i].up:
-                try:
-                    self._refresher.clients[i].report_sampled(c.unreported)
-                    c.unreported = 0
-                except (ShardUnavailable, ShardAuthError):
-                    pass
+        self._report_sampled(self._refresher.clients)  # so that writers' limiters see them
         self._close_clients()
 
     def __enter__(self) -> ReplaySampler:

@@ -327,6 +327,12 @@ class ShardClient:
         )
         return self._execute(payload, len(seqs))
 
+    def values(self, epoch: str, seqs: Sequence[int]) -> list[Any]:
+        """Whole segment values (the learner's resident mirror pulls each once); one round trip."""
+        if not seqs:
+            return []
+        return self._execute(b"".join(pack("GET", segment_key(epoch, s)) for s in seqs), len(seqs))
+
     def fetch_send(
         self, epoch: str, seqs: Sequence[int], starts: Sequence[int], ends: Sequence[int], report_sampled: int = 0
     ) -> int:

@@ -7,6 +7,7 @@ import contextlib
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,6 +53,15 @@ def make_segment(t: int = 8, episode: int = 0, index: int = 0, seed: int = 0, te
     )
 
 
+# Sampler modes the sampling tests run in: byte ranges per batch, and the resident mirror.
+MODES = ["off", "host"]
+
+
+def mirror_kw(mode: str) -> dict[str, Any]:
+    """ReplaySampler arguments for ``mode`` (a resident mirror is sized by the capacity)."""
+    return {} if mode == "off" else {"mirror": mode, "capacity": 20_000, "segment_length": 16}
+
+
 def _epoch(url: str) -> str:
     c = redis.Redis.from_url(url)
     try:
@@ -80,13 +90,14 @@ def test_round_trip_through_redis_is_bit_identical(redis_url: str, codec: str) -
     assert (back.episode_id, back.collector_id, back.segment_index) == (0, 3, 0)
 
 
-def test_sampled_transitions_match_the_source_bit_for_bit(redis_url: str) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_sampled_transitions_match_the_source_bit_for_bit(redis_url: str, mode: str) -> None:
     segs = [make_segment(t=5 + i, episode=i, index=i) for i in range(4)]
     w = ReplayWriter([redis_url], capacity=1000)
     for s in segs:
         w.write(s)
     w.close()
-    with ReplaySampler([redis_url], 64, prefetch=0, seed=1) as sampler:
+    with ReplaySampler([redis_url], 64, prefetch=0, seed=1, **mirror_kw(mode)) as sampler:
         batch = next(sampler)
     for b in range(batch.size):
         img = batch.image[b].numpy()
@@ -134,21 +145,23 @@ def test_eviction_is_fifo_and_atomic(redis_url: str) -> None:
 # ----- uniform sampling ---------------------------------------------------------------------
 
 
-def test_sampling_reaches_every_stored_transition(redis_url: str) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_sampling_reaches_every_stored_transition(redis_url: str, mode: str) -> None:
     lengths = [3, 9, 1, 6]
     w = ReplayWriter([redis_url], capacity=1000)
     for i, t in enumerate(lengths):
         w.write(make_segment(t=t, episode=i))
     w.close()
     seen: set[tuple[int, int]] = set()
-    with ReplaySampler([redis_url], 64, prefetch=0, seed=3) as sampler:
+    with ReplaySampler([redis_url], 64, prefetch=0, seed=3, **mirror_kw(mode)) as sampler:
         for _ in range(20):
             img = next(sampler).image.numpy()
             seen.update(zip(img[:, 0, 0, 0].tolist(), img[:, 0, 0, 2].tolist(), strict=True))
     assert seen == {(i, p) for i, t in enumerate(lengths) for p in range(t)}
 
 
-def test_sampling_is_uniform_across_shards_and_segment_lengths(tmp_path: object) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_sampling_is_uniform_across_shards_and_segment_lengths(tmp_path: object, mode: str) -> None:
     scipy_stats = pytest.importorskip("scipy.stats")
     with ShardSet(num_shards=2) as shards:
         w = ReplayWriter(shards.urls, capacity=10_000)
@@ -159,7 +172,7 @@ def test_sampling_is_uniform_across_shards_and_segment_lengths(tmp_path: object)
             w.write(make_segment(t=t, episode=i))
         w.close()
         counts: Counter[tuple[int, int]] = Counter()
-        with ReplaySampler(shards.urls, 256, prefetch=0, seed=5) as sampler:
+        with ReplaySampler(shards.urls, 256, prefetch=0, seed=5, **mirror_kw(mode)) as sampler:
             for _ in range(80):
                 img = next(sampler).image.numpy()
                 counts.update(zip(img[:, 0, 0, 0].tolist(), img[:, 0, 0, 2].tolist(), strict=True))
@@ -182,10 +195,13 @@ def test_sampler_distribution_check_can_fail() -> None:
     assert scipy_stats.chisquare(observed)[1] < 1e-3
 
 
-def test_background_threads_deliver_batches_and_min_size(redis_url: str) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_background_threads_deliver_batches_and_min_size(redis_url: str, mode: str) -> None:
     w = ReplayWriter([redis_url], capacity=1000)
     w.write(make_segment(t=10))
-    with ReplaySampler([redis_url], 32, prefetch=2, threads=2, min_size=20, index_refresh_s=0.01) as sampler:
+    with ReplaySampler(
+        [redis_url], 32, prefetch=2, threads=2, min_size=20, index_refresh_s=0.01, **mirror_kw(mode)
+    ) as sampler:
         time.sleep(0.2)
         assert sampler.metrics()["replay_sampler/ready_batches"] == 0  # 10 < min_size
         w.write(make_segment(t=10, episode=1))
@@ -208,7 +224,8 @@ def test_sample_to_insert_ratio_bounds() -> None:
         SampleToInsertRatio(1.0, 1, 10).check_batch(256)
 
 
-def test_rate_limiter_makes_learner_wait_and_blocks_collectors(redis_url: str) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_rate_limiter_makes_learner_wait_and_blocks_collectors(redis_url: str, mode: str) -> None:
     # spi 2, tolerance 64, min size 40: diff = 2 * inserted - sampled must stay in [16, 144].
     spi, tol, batch = 2.0, 64.0, 32
     w = ReplayWriter([redis_url], 10_000, samples_per_insert=spi, spi_tolerance=tol, min_size_to_sample=40)
@@ -225,7 +242,9 @@ def test_rate_limiter_makes_learner_wait_and_blocks_collectors(redis_url: str) -
     th.start()
     time.sleep(0.3)
     assert not done.is_set(), "writer should wait while the learner is behind"
-    with ReplaySampler([redis_url], batch, prefetch=0, min_size=40, samples_per_insert=spi, spi_tolerance=tol) as s:
+    with ReplaySampler(
+        [redis_url], batch, prefetch=0, min_size=40, samples_per_insert=spi, spi_tolerance=tol, **mirror_kw(mode)
+    ) as s:
         next(s)
         next(s)  # its round trip reports the first batch's 32 samples: 160 - 32 <= 144
         assert done.wait(5), "writer should resume once the learner sampled"
@@ -271,14 +290,15 @@ def test_replay_config_fields_validate() -> None:
 # ----- shard loss -----------------------------------------------------------------------------
 
 
-def test_killed_shard_costs_its_data_never_the_run(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_killed_shard_costs_its_data_never_the_run(caplog: pytest.LogCaptureFixture, mode: str) -> None:
     a, b = RedisShardProcess(), RedisShardProcess()
     try:
         urls = [a.url, b.url]
         w = ReplayWriter(urls, capacity=100_000)
         for i in range(6):
             w.write(make_segment(t=10, episode=i))
-        s = ReplaySampler(urls, 64, prefetch=0, index_refresh_s=0.0)
+        s = ReplaySampler(urls, 64, prefetch=0, index_refresh_s=0.0, **mirror_kw(mode))
         assert s.refresh_index() == 60
         next(s)
         port = b.port
@@ -384,8 +404,12 @@ def test_corrupt_and_foreign_values_are_counted_and_skipped(redis_url: str) -> N
     raw.close()
 
 
-def test_empty_replay_is_a_clear_error(redis_url: str) -> None:
-    with ReplaySampler([redis_url], 8, prefetch=0) as s, pytest.raises(SampleError, match="fewer than min_size"):
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_replay_is_a_clear_error(redis_url: str, mode: str) -> None:
+    with (
+        ReplaySampler([redis_url], 8, prefetch=0, **mirror_kw(mode)) as s,
+        pytest.raises(SampleError, match="fewer than min_size"),
+    ):
         next(s)
 
 
@@ -419,10 +443,11 @@ def test_password_shard_url_with_password_and_wrong_password() -> None:
         shard.stop()
 
 
-def test_metrics_are_flat_namespaced_and_per_shard(redis_url: str) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_metrics_are_flat_namespaced_and_per_shard(redis_url: str, mode: str) -> None:
     w = ReplayWriter([redis_url], capacity=1000)
     w.write(make_segment(t=5))
-    with ReplaySampler([redis_url], 8, prefetch=0) as s:
+    with ReplaySampler([redis_url], 8, prefetch=0, **mirror_kw(mode)) as s:
         next(s)
         m = s.metrics()
     wm = w.metrics()

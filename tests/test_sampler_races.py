@@ -25,7 +25,7 @@ from replay_service.launcher import RedisShardProcess
 from replay_service.resp import RespConnection
 from replay_service.sampler import ReplaySampler
 from replay_service.writer import ReplayWriter
-from tests.test_replay import make_segment
+from tests.test_replay import MODES, make_segment, mirror_kw
 
 
 @pytest.fixture
@@ -57,8 +57,9 @@ def _run(target: Callable[[], object], name: str) -> tuple[threading.Thread, lis
 # ----- race 1: a shard lost while the snapshot is being built ----------------------------------
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_shard_lost_during_snapshot_build_never_tears_the_snapshot(
-    two_shards: list[str], monkeypatch: pytest.MonkeyPatch
+    two_shards: list[str], monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     """``_shard_lost`` (a worker saw the shard fail) replaces a mirror while another thread
     concatenates the mirrors into a snapshot. Unguarded, the snapshot pairs the lost shard's
@@ -88,7 +89,7 @@ def test_shard_lost_during_snapshot_build_never_tears_the_snapshot(
     pause_at = 0
     while True:
         pause_at += 1
-        s = ReplaySampler(two_shards, 64, prefetch=0, index_refresh_s=3600.0, seed=pause_at)
+        s = ReplaySampler(two_shards, 64, prefetch=0, index_refresh_s=3600.0, seed=pause_at, **mirror_kw(mode))
         try:
             assert s.refresh_index() == 40 * 2 + 10 * (pause_at - 1)
             # New data on shard 0, so the refresh extends a mirror and rebuilds the snapshot.
@@ -136,8 +137,9 @@ def test_shard_lost_during_snapshot_build_never_tears_the_snapshot(
 # ----- race 2: the rate limiter's counter poll resets the refresher's connection ------------------
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_counter_poll_never_resets_the_connection_a_refresh_is_using(
-    two_shards: list[str], monkeypatch: pytest.MonkeyPatch
+    two_shards: list[str], monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     """The rate limiter polls the shards' counters (``_refresh_counters``) on the index
     clients that the refresher uses under its lock. After a failure bumped the shard's health
@@ -150,7 +152,7 @@ def test_counter_poll_never_resets_the_connection_a_refresh_is_using(
     w = ReplayWriter(two_shards, capacity=100_000)
     for i in range(8):
         w.write(make_segment(t=10, episode=i))
-    s = ReplaySampler(two_shards, 64, prefetch=0, index_refresh_s=3600.0)
+    s = ReplaySampler(two_shards, 64, prefetch=0, index_refresh_s=3600.0, **mirror_kw(mode))
     try:
         assert s.refresh_index() == 80
         only_shard1 = ReplayWriter(two_shards[1:], capacity=100_000)
@@ -197,7 +199,8 @@ def test_counter_poll_never_resets_the_connection_a_refresh_is_using(
 # ----- a shard restarted empty between two refreshes, under the epoch it had ---------------------
 
 
-def test_shard_restarted_under_its_old_epoch_is_mirrored_afresh(two_shards: list[str]) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_shard_restarted_under_its_old_epoch_is_mirrored_afresh(two_shards: list[str], mode: str) -> None:
     """A writer hands an empty shard its own epoch (writer.py), so a shard restarted on its
     port between two refreshes can come back under the epoch the sampler mirrored, reusing
     seqs 1, 2, ... for other segments. Read with the old offsets they decode as corrupt and
@@ -206,7 +209,7 @@ def test_shard_restarted_under_its_old_epoch_is_mirrored_afresh(two_shards: list
     w = ReplayWriter([url], capacity=100_000)
     for i in range(4):
         w.write(make_segment(t=10, episode=i))
-    s = ReplaySampler([url], 32, prefetch=0, index_refresh_s=3600.0)
+    s = ReplaySampler([url], 32, prefetch=0, index_refresh_s=3600.0, **mirror_kw(mode))
     try:
         assert s.refresh_index() == 40
         client = redis.Redis.from_url(url)
@@ -238,8 +241,10 @@ def killable_shards() -> Iterator[list[RedisShardProcess]]:
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", MODES)
 def test_threaded_sampler_survives_a_shard_killed_and_restarted_again_and_again(
     killable_shards: list[RedisShardProcess],
+    mode: str,
 ) -> None:
     """4 sampler threads with prefetch and the rate limiter on, a writer inserting all along,
     and shard 1 killed and restarted on its port 8 times: no exception reaches the consumer,
@@ -274,6 +279,7 @@ def test_threaded_sampler_survives_a_shard_killed_and_restarted_again_and_again(
         samples_per_insert=2.0,
         spi_tolerance=256.0,
         timeout=1.0,
+        **mirror_kw(mode),
     )
     received = [0]
     consumer_errors: list[BaseException] = []

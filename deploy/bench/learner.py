@@ -4,7 +4,10 @@ Three figures on the same machine, batch size and networks:
 
 * ``updates_per_s_synthetic``: convoy's learner on batches already on the device;
 * ``updates_per_s_fed``: convoy's learner fed through the real ReplaySampler from a real
-  redis-server shard filled with embedded-simulator frames by the real ReplayWriter;
+  redis-server shard filled with embedded-simulator frames by the real ReplayWriter, in the
+  sampler mode ``replay.mirror`` picks (``auto``: the resident mirror, on the GPU when there
+  is one; pass ``replay.mirror=host`` or ``replay.mirror=off`` to measure another; the JSON
+  says which ran as ``replay_mirror``);
 * ``baseline_updates_per_s``: :class:`StraightforwardTD3` below: the same networks and TD3
   math as a single-process implementation usually writes it (a float32 dict replay buffer in
   memory, indexing on the update thread, no prefetch, NCHW fp32, no compile, full backward
@@ -34,6 +37,7 @@ from common.sysutil import tune_malloc_for_bulk_buffers
 from deploy.bench.data import record_segments
 from learner.agent import TD3Agent
 from learner.loop import Learner
+from replay_service.mirror import resolve_mode
 
 log = sys.stderr
 
@@ -254,6 +258,9 @@ def _fed_rate(
     with ShardSet(num_shards=1, executable=cfg.replay.redis_server) as shards:
         _fill_replay(cfg, shards.urls, segments, replay_transitions)
         source = source_factory(cfg, shards.urls, pin_memory=timing.cuda)()
+        # With the resident mirror the sampler first pulls everything stored (a restarted
+        # learner's refill); until then train() returns without updates. Time updates only.
+        source.refresh_index()
         with tempfile.TemporaryDirectory(prefix="convoy-bench-") as tmp:
             learner = Learner(cfg, source, tmp)
 
@@ -325,6 +332,7 @@ def run(
         "baseline_updates_per_s": baseline_rate,
         "speedup": fed_rate / baseline_rate,
         "data_wait_seconds_total": sampler_metrics.get("replay_sampler/wait_seconds_total", float("nan")),
+        "replay_mirror": resolve_mode(cfg.replay.mirror, timing.cuda),
     }
 
 

@@ -8,7 +8,13 @@ Starts its own redis-server shard, fills it with segments of realistic length an
 - ``naive_bytes_per_transition``: obs and next_obs as full uint8 stacks plus vectors, action,
   reward and flag (what a dict-of-arrays replay stores);
 - ``insert_transitions_per_s``: encode + atomic insert, one writer;
-- ``sample_transitions_per_s``: decoded batches of 256 drawn by one consumer from ReplaySampler;
+- ``sample_transitions_per_s``: decoded batches of 256 drawn by one consumer from ReplaySampler
+  with byte-range sampling (``replay.mirror=off``: each batch fetches and decodes its frames);
+- ``mirror_sample_transitions_per_s``: the same from the learner-resident mirror
+  (``replay.mirror=host``: every segment pulled and decoded once, a batch is a gather), and
+  ``mirror_speedup`` = mirror over byte-range, measured in alternating windows;
+- ``mirror_refill_s``: a fresh sampler pulling and decoding everything stored (what a restarted
+  learner does before its first batch), and ``mirror_refill_transitions_per_s``;
 - ``baseline_sample_transitions_per_s``: :class:`NaiveDictReplay`, one msgpack dict per
   transition (full obs/next_obs stacks) sampled by random keys with one MGET and decoded to
   the same arrays.
@@ -150,19 +156,19 @@ def _window(fn: Callable[[], int], seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-def _interleaved_rates(a: Callable[[], int], b: Callable[[], int], seconds: float, repeats: int) -> tuple[float, float]:
-    """Medians of alternating windows of ``a`` and ``b``: on a shared machine load drifts over
-    a run, and alternating puts both sides under the same drift."""
-    # Warm both up first: the first seconds of bulk transfers in a fresh process run at well
+def _interleaved_rates(fns: list[Callable[[], int]], seconds: float, repeats: int) -> list[float]:
+    """Medians of alternating windows of each of ``fns``: on a shared machine load drifts over
+    a run, and alternating puts every side under the same drift."""
+    # Warm all up first: the first seconds of bulk transfers in a fresh process run at well
     # under half speed (allocator and socket buffers settling), which would flatter whichever
     # side is measured warm.
-    _window(a, min(seconds, 2.0))
-    _window(b, min(seconds, 2.0))
-    ra, rb = [], []
+    for fn in fns:
+        _window(fn, min(seconds, 2.0))
+    rates: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        ra.append(_window(a, seconds))
-        rb.append(_window(b, seconds))
-    return float(np.median(ra)), float(np.median(rb))
+        for fn, r in zip(fns, rates, strict=True):
+            r.append(_window(fn, seconds))
+    return [float(np.median(r)) for r in rates]
 
 
 def _frame_source(frames_kind: str) -> Callable[[int, int], np.ndarray]:
@@ -184,24 +190,66 @@ def _frame_source(frames_kind: str) -> Callable[[int, int], np.ndarray]:
     return frames
 
 
-def _sample_rates(
-    url: str, naive: NaiveDictReplay, brng: np.random.Generator, seconds: float, repeats: int, threads: int
-) -> tuple[float, float, float]:
-    """(convoy's sampler, the baseline) transitions/s and the sampler's corrupt count."""
-    _progress(
-        f"sampling batches of {BATCH} ({threads} sampler threads, one consumer), alternating "
-        f"{repeats} windows of {seconds:g}s with the baseline"
+def _refill(url: str, transitions: int) -> float:
+    """Seconds a fresh mirror-mode sampler takes to hold everything stored (a restarted learner)."""
+    _progress(f"refilling a resident mirror from the shard ({transitions} transitions)")
+    start = time.perf_counter()
+    sampler = ReplaySampler(
+        [url], BATCH, prefetch=0, mirror="host", capacity=transitions, segment_length=SEGMENT_LENGTH
     )
-    sampler = ReplaySampler([url], BATCH, prefetch=8, threads=threads, index_refresh_s=1.0)
     try:
-        next(sampler)
-        sample_rate, baseline_rate = _interleaved_rates(
-            lambda: next(sampler).size, lambda: len(naive.sample(brng, BATCH)["reward"]), seconds, repeats
-        )
-        corrupt = sampler.metrics()["replay_sampler/corrupt_total"]
+        size = sampler.refresh_index()
+        elapsed = time.perf_counter() - start
     finally:
         sampler.close()
-    return sample_rate, baseline_rate, corrupt
+    if size != transitions:
+        raise RuntimeError(f"the refilled mirror holds {size} of {transitions} transitions")
+    return elapsed
+
+
+def _sample_rates(
+    url: str,
+    stored: int,
+    naive: NaiveDictReplay,
+    brng: np.random.Generator,
+    seconds: float,
+    repeats: int,
+    threads: int,
+) -> tuple[float, float, float, float]:
+    """(convoy's byte-range sampler, the baseline, convoy's mirror) transitions/s and the
+    samplers' corrupt count."""
+    _progress(
+        f"sampling batches of {BATCH} ({threads} sampler threads, one consumer), alternating "
+        f"{repeats} windows of {seconds:g}s: byte ranges, the baseline, the resident mirror"
+    )
+    sampler = ReplaySampler([url], BATCH, prefetch=8, threads=threads, index_refresh_s=1.0)
+    mirror = ReplaySampler(
+        [url],
+        BATCH,
+        prefetch=8,
+        threads=threads,
+        index_refresh_s=1.0,
+        mirror="host",
+        capacity=stored,
+        segment_length=SEGMENT_LENGTH,
+    )
+    try:
+        next(sampler)
+        next(mirror)
+        sample_rate, baseline_rate, mirror_rate = _interleaved_rates(
+            [
+                lambda: next(sampler).size,
+                lambda: len(naive.sample(brng, BATCH)["reward"]),
+                lambda: next(mirror).size,
+            ],
+            seconds,
+            repeats,
+        )
+        corrupt = sampler.metrics()["replay_sampler/corrupt_total"] + mirror.metrics()["replay_sampler/corrupt_total"]
+    finally:
+        sampler.close()
+        mirror.close()
+    return sample_rate, baseline_rate, mirror_rate, corrupt
 
 
 def run(frames_kind: str, segments: int, seconds: float, repeats: int, threads: int) -> dict[str, float | str]:
@@ -226,7 +274,10 @@ def run(frames_kind: str, segments: int, seconds: float, repeats: int, threads: 
         naive.fill(segs, limit=min(transitions, 8192))
         brng = np.random.default_rng(2)
         naive.sample(brng, BATCH)
-        sample_rate, baseline_rate, corrupt = _sample_rates(shard.url, naive, brng, seconds, repeats, threads)
+        refill_s = _refill(shard.url, transitions)
+        sample_rate, baseline_rate, mirror_rate, corrupt = _sample_rates(
+            shard.url, transitions, naive, brng, seconds, repeats, threads
+        )
         client.close()
     finally:
         shard.stop()
@@ -242,6 +293,10 @@ def run(frames_kind: str, segments: int, seconds: float, repeats: int, threads: 
         "sample_transitions_per_s": round(sample_rate),
         "baseline_sample_transitions_per_s": round(baseline_rate),
         "sample_speedup": round(sample_rate / baseline_rate, 2),
+        "mirror_sample_transitions_per_s": round(mirror_rate),
+        "mirror_speedup": round(mirror_rate / sample_rate, 2),
+        "mirror_refill_s": round(refill_s, 2),
+        "mirror_refill_transitions_per_s": round(transitions / refill_s),
         "corrupt_total": corrupt,
     }
 

@@ -57,6 +57,10 @@ def source_factory(cfg: ConvoyConfig, urls: list[str], pin_memory: bool) -> func
         min_size=cfg.min_size_to_sample(),
         samples_per_insert=cfg.replay.samples_per_insert,
         spi_tolerance=cfg.replay.spi_tolerance,
+        mirror=cfg.replay.mirror,
+        capacity=cfg.replay.capacity,
+        segment_length=cfg.collector.segment_length,
+        device=(cfg.learner.device if cfg.learner.device != "auto" else "cuda") if pin_memory else "cpu",
     )
 
 
