@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any, TextIO
 
 from common import storage
@@ -67,7 +68,10 @@ def finish_run(
         print(f"finishing cut short by {signals.last}: summary.json is written", file=out, flush=True)
     print(done_line(exit_reason, summary, progress.summary()), file=out, flush=True)
     evaluator = evals.detach_evaluator()
-    close_actors([*supervisor.live_actors(), *supervisor.shards, *([evaluator] if evaluator else [])], hurry)
+    started = time.monotonic()
+    actors = [*supervisor.live_actors(), *supervisor.shards, *([evaluator] if evaluator else [])]
+    close_actors(actors, hurry)
+    log.info("closed %d actors in %.1f s", len(actors), time.monotonic() - started)
     for actor in [*supervisor.live_actors(), *supervisor.shards, control, evaluator]:
         kill(actor)
     telemetry.close(progress, evals.summary())  # the final counters and curve point
