@@ -52,9 +52,10 @@ def _start(out_dir: Path, *overrides: str) -> tuple[subprocess.Popen[str], list[
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        # Its own process group, as a terminal gives a foreground job, and SIGINT not ignored
-        # (a shell's background job would inherit SIG_IGN for it).
+        # Its own process group, as a terminal gives a foreground job, and SIGINT not ignored:
+        # under a shell's background job pytest inherits SIG_IGN for it, and so would the run.
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         env={**os.environ, "SDL_VIDEODRIVER": "offscreen"},
     )
     lines: list[str] = []
@@ -172,3 +173,25 @@ def test_the_writers_rate_limit_wait_ends_when_stop_is_set(redis_url: str) -> No
         assert w.transitions_total == 40  # the segment waited for is still written whole
     finally:
         w.close()
+
+
+def test_the_first_signal_interrupts_later_ones_hurry_and_ignored_ones_stay_ignored() -> None:
+    from deploy.run.signals import StopSignals
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signals = StopSignals()
+    try:
+        signals.install()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)  # ignored: nothing happens
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs in the main thread between bytecodes
+        assert signals.received == ["SIGTERM"] and not signals.hurry.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert signals.received == ["SIGTERM", "SIGTERM"] and signals.hurry.is_set()
+    finally:
+        signals.restore()
+        signal.signal(signal.SIGINT, before)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -43,7 +43,10 @@ class StopSignals:
     def install(self) -> None:
         """Take SIGINT and SIGTERM (again after ``ray.init``; see the module docstring)."""
         for sig in SIGNALS:
-            previous = signal.signal(sig, self._handle)
+            original = self._previous.get(sig, signal.getsignal(sig))
+            # A signal ignored when the run started (SIGINT of a shell's background job) stays
+            # ignored; setting SIG_IGN again also takes it back from ray.init.
+            previous = signal.signal(sig, signal.SIG_IGN if original == signal.SIG_IGN else self._handle)
             self._previous.setdefault(sig, previous)
 
     def restore(self) -> None:
