@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -56,7 +57,11 @@ def collector_noise_std(cfg: ConvoyConfig, collector_id: int) -> float:
 class Collector:
     """Steps its env with random actions until the run has ``collector.start_steps``
     transitions and it holds published weights, then with the newest actor plus Gaussian
-    noise. Every transition carries the weight version that chose it (0 = random)."""
+    noise. Every transition carries the weight version that chose it (0 = random).
+
+    ``stop``, once set (from another thread: the run is ending), makes :meth:`collect` return
+    after the step in progress; the sink gets the same event so that it stops waiting too.
+    """
 
     def __init__(
         self,
@@ -65,8 +70,10 @@ class Collector:
         sink: SegmentSink,
         env_factory: Callable[[], gym.Env],
         incarnation: int = 0,
+        stop: threading.Event | None = None,
     ) -> None:
         self.cfg = cfg
+        self.stop = stop if stop is not None else threading.Event()
         self.collector_id = collector_id
         self.sink = sink
         self.env_factory = env_factory
@@ -182,8 +189,11 @@ class Collector:
         return np.clip(a + noise, -1.0, 1.0).astype(np.float32)
 
     def collect(self, num_steps: int) -> dict[str, float]:
-        """Run ``num_steps`` env steps; returns this collector's flat metric dict."""
+        """Run ``num_steps`` env steps (fewer once ``stop`` is set); returns this collector's
+        flat metric dict."""
         for _ in range(num_steps):
+            if self.stop.is_set():
+                break
             version = 0 if self.acting_randomly else self.weights_version
             action = self.act(self._obs)
             try:

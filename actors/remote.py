@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import threading
+from typing import Any, Protocol
 
 import ray
 
@@ -11,9 +11,21 @@ from common.config import from_dict
 from common.protocols import SegmentSink
 
 
+class SinkFactory(Protocol):
+    """Builds a collector's segment sink in the collector's process; a sink that can wait
+    (the replay writer's rate limit) stops waiting once ``stop`` is set."""
+
+    def __call__(self, *, stop: threading.Event) -> SegmentSink: ...
+
+
 # No Ray-level restarts: the driver's supervisor replaces a dead collector itself, so that the
 # replacement gets the newest weights and a fresh seed of its index's stream.
-@ray.remote(max_restarts=0, max_task_retries=0)
+# ``stop`` has a concurrency group (a thread) of its own: it must reach a collector that is
+# inside a long ``collect`` (waiting on the replay rate limit), while ``collect``, ``close`` and
+# ``node`` stay one at a time in the default group (the Collector is not thread-safe; only the
+# Event crosses threads). A deadline sent with each call could not know about a Ctrl-C that
+# comes later. (Ray's typed overloads of ``remote`` leave out ``concurrency_groups``.)
+@ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"control": 1})  # type: ignore[call-overload]
 class CollectorActor:
     """A Collector in its own process. Its metric dict goes back to the driver with every
     ``collect`` result; the driver exports all metrics, once (deploy/run/exporter.py).
@@ -26,7 +38,7 @@ class CollectorActor:
         self,
         config: dict[str, Any],
         collector_id: int,
-        sink_factory: Callable[[], SegmentSink],
+        sink_factory: SinkFactory,
         incarnation: int = 0,
     ) -> None:
         import torch
@@ -38,12 +50,14 @@ class CollectorActor:
         # with the other collectors and the learner for the node's cores.
         torch.set_num_threads(1)
         cfg = from_dict(config)
+        self.stopping = threading.Event()
         self.collector = Collector(
             cfg,
             collector_id,
-            sink_factory(),
+            sink_factory(stop=self.stopping),
             lambda: make_env(cfg.env, cfg.carla, index=collector_id),
             incarnation=incarnation,
+            stop=self.stopping,
         )
 
     def node(self) -> dict[str, Any]:
@@ -54,6 +68,12 @@ class CollectorActor:
         if weights is not None:
             self.collector.set_weights(weights)
         return self.collector.collect(num_steps)
+
+    @ray.method(concurrency_group="control")
+    def stop(self) -> None:
+        """End the call in flight after its current step and make later calls return at once:
+        the run is ending (Ctrl-C, SIGTERM, its time budget or a give-up)."""
+        self.stopping.set()
 
     def close(self) -> None:
         self.collector.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import field
@@ -80,6 +81,9 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             return int(value)
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            # NaN compares false with every bound, so ``min``/``max`` alone would let it through.
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}={value!r}: must be a finite number")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -44,6 +44,13 @@ class LearnerActor:
         restored = self.learner.restore(path, min_version)
         return {"checkpoint": str(restored), "updates": self.learner.updates, "env_steps": self.learner.env_steps}
 
+    def start_fresh(self, min_version: int) -> dict[str, Any]:
+        """A replacement learner with no checkpoint to restore: its weight versions continue
+        above ``min_version``, the newest version collectors may hold (they only load newer
+        ones, so versions from 1 again would never reach them)."""
+        self.learner.weights_version = max(self.learner.weights_version, min_version)
+        return {}
+
     def checkpoint(self, env_steps: int) -> str:
         return str(self.learner.checkpoint(env_steps=env_steps))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ class ReplayWriter:
     counted, the collector keeps running: a lost shard costs its data, never the run.
 
     With ``samples_per_insert > 0``, :meth:`write` waits while the collectors are more than the
-    tolerance ahead of the learner (see ratelimit.py).
+    tolerance ahead of the learner (see ratelimit.py). Setting ``stop`` (from another thread)
+    ends that wait: at the end of a run the learner no longer samples, so it could last forever.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class ReplayWriter:
         min_size_to_sample: int = 1,
         rate_limit_poll_s: float = 0.02,
         timeout: float = 5.0,
+        stop: threading.Event | None = None,
     ) -> None:
         if not urls:
             raise ValueError("ReplayWriter needs at least one shard URL")
@@ -70,6 +73,7 @@ class ReplayWriter:
         self.codec = FrameCodec(codec)
         self.limiter = SampleToInsertRatio(samples_per_insert, max(1, min_size_to_sample), spi_tolerance)
         self.rate_limit_poll_s = rate_limit_poll_s
+        self.stop = stop if stop is not None else threading.Event()
         self._next = writer_id % len(self.shards)
         self._counters = [_ShardCounters() for _ in self.shards]
         self.dropped_segments_total = 0
@@ -109,7 +113,7 @@ class ReplayWriter:
         start = time.perf_counter()
         while True:
             self._refresh_counters()
-            if self.limiter.can_insert(*self._totals()) or not any(h.up for h in self.health):
+            if self.limiter.can_insert(*self._totals()) or not any(h.up for h in self.health) or self.stop.is_set():
                 break
             time.sleep(self.rate_limit_poll_s)
         self.rate_limit_wait_seconds_total += time.perf_counter() - start

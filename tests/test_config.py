@@ -59,6 +59,11 @@ def test_round_trip_through_yaml() -> None:
         ("learner.gamma=1.5", "learner.gamma=1.5: must be <= 1.0"),
         ("run.metrics=maybe", "expected bool"),
         ("replay.shard_urls=[http://x]", "not a redis://"),
+        # NaN passes every min/max comparison; non-finite floats are refused by type.
+        ("learner.gamma=.nan", "learner.gamma=nan: must be a finite number"),
+        ("run.max_seconds=.inf", "run.max_seconds=inf: must be a finite number"),
+        ("learner.tau=-.inf", "learner.tau=-inf: must be a finite number"),
+        ("collector.resources=carla:.nan", "collector.resources.carla=nan: must be a finite number"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override: str, fragment: str) -> None:

@@ -4,9 +4,12 @@ what, what the replacement is given, and when the run gives up."""
 from __future__ import annotations
 
 import io
+import json
 import os
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,15 +29,17 @@ def local_ray() -> Iterator[None]:
         ray.shutdown()
 
 
-@ray.remote(max_restarts=0)
+@ray.remote(max_restarts=0, concurrency_groups={"control": 1})  # type: ignore[call-overload]
 class FakeCollector:
-    """Counts steps like a collector; ``plan`` says how it misbehaves."""
+    """Counts steps like a collector; ``plan`` says how it misbehaves. ``stop`` runs in its own
+    concurrency group, as the real collector's does."""
 
     def __init__(self, index: int, incarnation: int, plan: str) -> None:
         self.index, self.incarnation, self.plan = index, incarnation, plan
         self.steps = 0
         self.calls = 0
         self.weights: list[bytes | None] = []
+        self.stopping = threading.Event()
 
     def node(self) -> dict[str, Any]:
         return {"address": "127.0.0.1"}
@@ -46,7 +51,9 @@ class FakeCollector:
             raise RuntimeError(f"simulator of collector {self.index} is gone")
         if self.plan == "die_on_3" and self.incarnation == 0 and self.calls == 3:
             os._exit(1)
-        time.sleep(0.05)  # long enough runs that a replacement joins before the budget is reached
+        if self.plan == "blocked":  # as a writer waiting on the replay rate limit: only stop ends it
+            self.stopping.wait(timeout=120)
+        time.sleep(1.0 if self.plan == "slow" else 0.05)  # a replacement joins before the budget is reached
         self.steps += num_steps
         return {
             "collector/env_steps_total": self.steps,
@@ -57,14 +64,21 @@ class FakeCollector:
     def received(self) -> list[bytes | None]:
         return self.weights
 
+    @ray.method(concurrency_group="control")
+    def stop(self) -> None:
+        self.stopping.set()
+
     def close(self) -> None:
         pass
 
 
 @ray.remote(max_restarts=0)
 class FakeLearner:
+    """Publishes version ``base + updates`` with every call, as the learner numbers its versions."""
+
     def __init__(self, die_after: int = -1) -> None:
         self.updates = 0
+        self.base = 0
         self.die_after = die_after
 
     def node(self) -> dict[str, Any]:
@@ -74,8 +88,12 @@ class FakeLearner:
         if self.updates == self.die_after:
             os._exit(1)
         self.updates += n
-        version = self.updates
+        version = self.base + self.updates
         return {"learner/updates_total": self.updates, "learner/weights_version": version}, (version, b"w%d" % version)
+
+    def start_fresh(self, min_version: int) -> dict[str, Any]:
+        self.base = max(self.base, min_version)
+        return {}
 
     def checkpoint(self, env_steps: int) -> str:
         return "none"
@@ -149,12 +167,22 @@ def test_collectors_that_keep_failing_end_the_run_naming_the_cause(local_ray: No
 
 def test_a_dead_learner_without_checkpoint_restarts_fresh(local_ray: None) -> None:
     sup, _, out = _supervisor("fine", total=600, learner_dies_after=5)
+    published: list[int] = []
+    publish = sup.weights.publish
+    sup.weights.publish = lambda version, ref: (published.append(version), publish(version, ref))[1]  # type: ignore[method-assign]
     assert sup.run() == "budget"
     sup.finish()
     text = out.getvalue()
     assert sup.progress.counts.learner_restarts == 1
     assert "no checkpoint exists yet, so the new learner starts fresh" in text
     assert sup.progress.updates > 0
+    # The fresh learner's versions continue above the 5 the first one published: collectors only
+    # load newer versions, so a count from 1 again would not reach them until it passed 5.
+    assert published[:5] == [1, 2, 3, 4, 5] and published[5] > 5, published
+    assert published == sorted(set(published)), published
+    for index in (0, 1):
+        got = [int(w[1:]) for w in ray.get(sup.slots[index].actor.received.remote()) if w is not None]
+        assert got and max(got) > 5, got
 
 
 def test_scaling_down_stops_the_highest_indices(local_ray: None) -> None:
@@ -166,3 +194,69 @@ def test_scaling_down_stops_the_highest_indices(local_ray: None) -> None:
     sup.scale_to(1)
     assert sorted(i for i, s in sup.slots.items() if not s.retiring) == [0]
     assert sup.progress.collectors_wanted == 1
+
+
+def _drive(sup: Supervisor, until: Any, timeout: float = 240.0) -> None:
+    """The supervisor's handling of finished calls, without its loop's budget checks."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "timed out driving the supervisor"
+        done, _ = ray.wait(list(sup.pending), num_returns=1, timeout=0.2)
+        for ref in done:
+            sup._handle(ref)
+
+
+def test_scaling_down_then_up_before_the_retiring_calls_end_keeps_every_wanted_collector(local_ray: None) -> None:
+    sup, made, out = _supervisor("slow", total=10**6)
+    for index in range(4):
+        sup.start_collector(index)
+    _drive(sup, lambda: all(s.busy_steps for s in sup.slots.values()))  # a 1 s call in flight on each
+    sup.scale_to(1)
+    sup.scale_to(4)  # before collectors 1-3 finished the call they were retiring after
+    assert sorted(i for i, s in sup.slots.items() if not s.retiring) == [0, 1, 2, 3]
+    first_calls = {i: ray.get(made[(i, 0)].received.remote()) for i in range(4)}
+    _drive(sup, lambda: all(len(ray.get(made[(i, 0)].received.remote())) > len(first_calls[i]) for i in range(4)))
+    assert sorted(i for i, s in sup.slots.items() if s.live and not s.retiring) == [0, 1, 2, 3]
+    assert "stopped (scaled down)" not in out.getvalue()
+
+
+def test_finish_stops_collectors_blocked_inside_their_call(local_ray: None) -> None:
+    sup, _, out = _supervisor("blocked", total=10**6)
+    for index in range(4):
+        sup.start_collector(index)
+    _drive(sup, lambda: sum(s.busy_steps > 0 for s in sup.slots.values()) == 4)
+    started = time.monotonic()
+    sup.finish(timeout=60)
+    # Without the stop, each blocked call would hold finish() for its whole timeout.
+    assert time.monotonic() - started < 10, out.getvalue()
+    assert not sup.pending
+    assert sup.progress.env_steps == 4 * 20  # the stopped calls' counts arrived
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_an_unexpected_error_writes_exit_reason_error_with_its_cause(local_ray: None, tmp_path: Path) -> None:
+    from deploy.run.driver import supervise_and_finish
+    from deploy.run.evaluation import EvalScheduler
+    from deploy.run.signals import StopSignals
+    from deploy.run.telemetry import RunTelemetry
+
+    sup, _, out = _supervisor("fine", total=10**6, **{"run.out_dir": str(tmp_path), "run.eval_every_updates": 0})
+    ticks = 0
+
+    def tick(_: Progress) -> None:
+        nonlocal ticks
+        ticks += 1
+        if ticks == 20:
+            raise _Boom("the exporter's disk is full")
+
+    sup.on_tick = tick
+    evals = EvalScheduler(sup.cfg, str(tmp_path))
+    telemetry = RunTelemetry(sup.cfg, "boom")
+    with pytest.raises(_Boom):
+        supervise_and_finish(sup.cfg, sup, evals, telemetry, None, StopSignals(), out)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["exit_reason"] == "error: _Boom: the exporter's disk is full", summary
+    assert "done (error)" in out.getvalue()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from common.config import load_config
@@ -35,20 +36,30 @@ def register(sub: Subparsers) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    """Exit code 1 when the run gave up (a component kept failing), else 0."""
+    """Exit code 0 when the run ended on its budget or by Ctrl-C/SIGTERM (``summary.json`` says
+    which), 1 when it gave up (a component kept failing) or failed, 130 when a signal came
+    before the run was placed (nothing to summarize)."""
     from deploy.run.driver import train
     from deploy.run.resolve import with_out_dir
 
-    if args.resume:
-        cfg = load_config(args.config, args.overrides) if args.config else load_run_config(args.resume, args.overrides)
-        summary = train(cfg, resume=args.resume)
-    else:
-        config_path = args.config or default_config_path()
-        if config_path.endswith("local-cpu.yaml") and not args.config:
-            print(CPU_PROFILE_NOTE, flush=True)
-        cfg = load_config(config_path, args.overrides)
-        # Each fresh run gets its own directory unless run.out_dir names one; nothing resumes
-        # implicitly (a directory that holds a run is refused, naming --resume).
-        cfg = with_out_dir(cfg, Path(config_path).stem)
-        summary = train(cfg)
+    try:
+        if args.resume:
+            cfg = (
+                load_config(args.config, args.overrides)
+                if args.config
+                else load_run_config(args.resume, args.overrides)
+            )
+            summary = train(cfg, resume=args.resume)
+        else:
+            config_path = args.config or default_config_path()
+            if config_path.endswith("local-cpu.yaml") and not args.config:
+                print(CPU_PROFILE_NOTE, flush=True)
+            cfg = load_config(config_path, args.overrides)
+            # Each fresh run gets its own directory unless run.out_dir names one; nothing resumes
+            # implicitly (a directory that holds a run is refused, naming --resume).
+            cfg = with_out_dir(cfg, Path(config_path).stem)
+            summary = train(cfg)
+    except KeyboardInterrupt:
+        print("interrupted before the run started; nothing to summarize", file=sys.stderr, flush=True)
+        return 130
     return 1 if str(summary.get("exit_reason", "")).startswith("gave_up") else 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from common.config import ConvoyConfig
 from common.schema import WeightsMessage
 from common.storage import basename, open_store
 from common.weights import encode_state_dict, message_to_bytes
+from deploy.run.signals import wait_all
 from learner.checkpoint import CheckpointError, best_checkpoint, load_checkpoint, mark_best
 
 log = logging.getLogger(__name__)
@@ -157,28 +159,38 @@ class EvalScheduler:
         return None
 
     def finish(
-        self, checkpoint_uri: str, updates: int, env_steps: int, timeout_s: float = 900.0
+        self,
+        checkpoint_uri: str,
+        updates: int,
+        env_steps: int,
+        timeout_s: float = 900.0,
+        hurry: threading.Event | None = None,
     ) -> dict[str, Any] | None:
         """Blocking, at the end of a run: wait for the evaluation in flight, then evaluate the
-        final checkpoint (unless it was already evaluated). Returns the final record."""
+        final checkpoint (unless it was already evaluated). Returns the final record; None when
+        ``timeout_s`` passed or ``hurry`` was set (a second Ctrl-C or SIGTERM) first."""
         import ray
 
         if not self.enabled:
             return None
         deadline = time.monotonic() + timeout_s
-        while self.busy and time.monotonic() < deadline:
+        while self.busy and time.monotonic() < deadline and not (hurry is not None and hurry.is_set()):
             refs = [r for r in (self._ckpt_ref, self._eval_ref) if r is not None]
-            ray.wait(refs, timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+            ray.wait(refs, timeout=min(0.5, max(deadline - time.monotonic(), 0.01)))
             self.poll()
         if self.busy:
-            log.warning("evaluation still running after %.0f s at the end of the run; not waited for", timeout_s)
+            log.warning("evaluation still running at the end of the run; not waited for")
             return None
         if checkpoint_uri in self._evaluated:
             return self.last
         self._pending = {"updates": updates, "env_steps": env_steps, "elapsed_s": time.monotonic() - self.start}
         try:
             self._submit_eval(checkpoint_uri)
-            result = ray.get(self._eval_ref, timeout=max(deadline - time.monotonic(), 1.0))
+            if not wait_all([self._eval_ref], max(deadline - time.monotonic(), 1.0), hurry):
+                cut = hurry is not None and hurry.is_set()
+                log.warning("final evaluation not waited for (%s)", "cut short" if cut else "timed out")
+                return None
+            result = ray.get(self._eval_ref)
         except Exception as exc:
             self._failed("final evaluation", exc)
             return None
@@ -208,12 +220,18 @@ class EvalScheduler:
     def close(self) -> None:
         import ray
 
-        if self._evaluator is not None:
+        evaluator = self.detach_evaluator()
+        if evaluator is not None:
             try:
-                ray.get(self._evaluator.close.remote(), timeout=10)
+                ray.get(evaluator.close.remote(), timeout=10)
             except Exception as exc:  # shutting down: report, go on
                 log.warning("closing the evaluator failed: %s", exc)
-            self._evaluator = None
+
+    def detach_evaluator(self) -> Any:
+        """The evaluator actor (None if none was made), handed over so that the end of a run
+        closes it together with the other actors; a later evaluation would make a new one."""
+        evaluator, self._evaluator = self._evaluator, None
+        return evaluator
 
     # ----- internals --------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from common.config import ConvoyConfig
 from deploy.run.dispatch import Handler, Periodic
 from deploy.run.progress import Progress, RestartClock
+from deploy.run.signals import wait_all
 from deploy.run.weights import WeightsChannel
 
 log = logging.getLogger(__name__)
@@ -221,8 +223,11 @@ class Supervisor:
         self.say(f"scaling collectors {self.wanted} -> {wanted}")
         self.wanted = self.progress.collectors_wanted = wanted
         for index in range(wanted):
-            if index not in self.slots:
+            slot = self.slots.get(index)
+            if slot is None:
                 self.start_collector(index)
+            elif slot.retiring:  # scaled down and up again before its call in flight ended: it stays
+                slot.retiring = False
         for slot in list(self.slots.values()):
             if slot.index >= wanted and not slot.retiring:
                 slot.retiring = True
@@ -257,7 +262,9 @@ class Supervisor:
         path = self.restore_path()
         if path is None:
             self.say(f"learner failed ({cause}); no checkpoint exists yet, so the new learner starts fresh")
-            self.pending[self.learner.node.remote()] = ("learner_ready", self.learner_generation, self.learner)
+            # Its versions continue above the newest one collectors may hold: they only load newer ones.
+            ref = self.learner.start_fresh.remote(self.weights.version)
+            self.pending[ref] = ("learner_ready", self.learner_generation, self.learner)
         else:
             self.say(f"learner failed ({cause}); restarting it from {path} (learner restart {counts.learner_restarts})")
             ref = self.learner.restore.remote(path, self.weights.version)
@@ -390,18 +397,22 @@ class Supervisor:
                 task.poll(now)
         return "budget"
 
-    def finish(self, timeout: float = 60.0) -> None:
-        """Let the calls in flight end (so counters are final), without new submissions."""
-        deadline = time.monotonic() + timeout
-        for ref, (kind, index, actor) in list(self.pending.items()):
-            left = max(0.1, deadline - time.monotonic())
-            try:
-                result = ray.get(ref, timeout=left)
-            except (RayError, RayActorError, GetTimeoutError):
-                continue
-            handler = self.handlers[kind]
-            if handler.on_final is not None and handler.current(index, actor):
-                handler.on_final(index, result)
+    def finish(self, timeout: float = 10.0, hurry: threading.Event | None = None) -> None:
+        """Tell every collector to stop (a call in flight returns after its current step, also
+        from the replay rate limit's wait), then let the calls in flight end so that the counters
+        are final: one deadline for all of them, cut short when ``hurry`` is set. Nothing new is
+        submitted."""
+        for slot in self.slots.values():
+            with contextlib.suppress(Exception):  # an actor already gone has nothing to stop
+                slot.actor.stop.remote()
+        # Only calls that add to the final counters are waited for (not placements or shard polls).
+        counted = [ref for ref, (kind, _, _) in self.pending.items() if self.handlers[kind].on_final is not None]
+        for ref in wait_all(counted, timeout, hurry):
+            kind, index, actor = self.pending[ref]
+            on_final = self.handlers[kind].on_final
+            with contextlib.suppress(RayError, RayActorError):  # a call that failed adds nothing
+                if on_final is not None and self.handlers[kind].current(index, actor):
+                    on_final(index, ray.get(ref))
         self.pending.clear()
         self.say(self.progress.line())
 
