@@ -13,6 +13,7 @@ typed fields is the engine in common/coerce.py.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,14 +44,33 @@ __all__ = [
 REDACTED = "***"
 
 
+# The one rule for credentials in URLs, whatever the scheme: the password of ``user:pw@``
+# (also ``:pw@``) and the value of a secret-looking query parameter (``?password=``).
+_URL_CREDENTIALS = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<cred>[^/]*)@")
+_SECRET_PARAM = re.compile(r"(?i)([?&;](?:password|passwd|pass|secret|token|auth|access_key|secret_key)=)[^&;#]*")
+
+
+def _hide_password(m: re.Match[str]) -> str:
+    user, colon, _ = m.group("cred").partition(":")
+    return f"{m.group('scheme')}{user}{colon}{REDACTED if colon else ''}@"
+
+
 def redact_url(url: str) -> str:
-    """The URL with the password of its credentials replaced by ``***``."""
-    scheme, sep, rest = url.partition("//")
-    if "@" not in rest:
-        return url
-    cred, _, host = rest.rpartition("@")
-    user = cred.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:{REDACTED}@{host}"
+    """``url`` with every credential replaced by ``***`` (the user name stays): for anything
+    printed, logged or saved. ``redis://:pw@h`` -> ``redis://:***@h``, ``redis://u:pw@h`` ->
+    ``redis://u:***@h``, ``redis://h/0?password=pw`` -> ``redis://h/0?password=***``."""
+    return _SECRET_PARAM.sub(rf"\1{REDACTED}", _URL_CREDENTIALS.sub(_hide_password, url))
+
+
+def _redact_urls(value: Any) -> Any:
+    """``value`` with :func:`redact_url` applied to every string in it that holds a URL."""
+    if isinstance(value, str):
+        return redact_url(value) if "://" in value else value
+    if isinstance(value, list | tuple):
+        return [_redact_urls(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact_urls(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)
@@ -325,13 +345,13 @@ class ConvoyConfig:
         return out
 
     def to_yaml(self, redact: bool = True) -> str:
-        """YAML of the resolved config; secrets (the shard password, credentials in shard URLs)
+        """YAML of the resolved config; secrets (the shard password, credentials in any URL)
         are shown as ``***`` unless ``redact`` is False. Printed and saved configs are redacted."""
         data = self.to_dict()
         if redact:
             if data["replay"]["password"]:
                 data["replay"]["password"] = REDACTED
-            data["replay"]["shard_urls"] = [redact_url(u) for u in data["replay"]["shard_urls"]]
+            data = _redact_urls(data)  # shard URLs, out_dir, ray_address: any URL with credentials
         return yaml.safe_dump(data, sort_keys=False)
 
     def min_size_to_sample(self) -> int:

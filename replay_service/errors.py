@@ -13,3 +13,8 @@ class ShardUnavailable(ShardError):
 
 class ShardAuthError(ShardError):
     """A shard refused our credentials: a configuration error, never retried at start."""
+
+
+class ShardWriteError(ShardError):
+    """A shard refused a write (out of memory under ``maxmemory``, or insert.lua rejected its
+    arguments); the writer counts it, backs off from that shard and tries another."""
