@@ -239,13 +239,21 @@ class ReplayConfig:
     )
     password: str = opt(
         "",
-        "Shard password (requirepass). Empty: none for loopback-only runs; on a multi-node cluster a random one "
-        "per run. $CONVOY_REPLAY_PASSWORD is used when this is empty. Never printed or saved (shown as ***).",
+        "Password of the ACL user `convoy` on convoy-started shards (also of given shard_urls without one). "
+        "Empty: $CONVOY_REPLAY_PASSWORD, else a random one per run (also on loopback). Never printed or saved "
+        "(shown as ***).",
     )
     shard_resources: dict[str, float] = opt(  # noqa: RUF009 - _opt gives dicts a default_factory
         {}, "Custom Ray resources each convoy-started shard actor requests (multi-node runs), e.g. {replay: 1}."
     )
     redis_server: str = opt("redis-server", "redis-server executable used to start shards.")
+    max_shard_restarts: int = opt(
+        10,
+        "Times a convoy-started shard actor that died (its node or process) is replaced, with a backoff of 1 s "
+        "doubling to 30 s; the replacement may land on another node, and writers and the learner follow its new "
+        "address. Past it the run goes on with the other shards, and gives up when none is left.",
+        min=0,
+    )
     codec: str = opt(
         "zstd",
         "Per-frame compression (zstd-6: ~4x smaller than lz4 on driving frames, see replay_service/codec.py).",
