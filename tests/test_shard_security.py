@@ -77,15 +77,15 @@ def test_a_shard_started_without_a_password_still_has_one() -> None:
 def test_convoys_user_may_not_run_admin_commands(redis_url: str, command: tuple[str, ...]) -> None:
     client = redis.Redis.from_url(redis_url)
     try:
-        with pytest.raises(redis.ResponseError, match="NOPERM|no permissions"):
+        with pytest.raises(redis.ResponseError, match=r"NOPERM|no permissions|command not allowed"):
             client.execute_command(*command)
         # Not from a script either: ACLs apply to what a script calls.
         with pytest.raises(
-            redis.ResponseError, match="can't run this command|not allowed from script|NOPERM|no permissions"
+            redis.ResponseError, match=r"can.t run this command|not allowed from script|NOPERM|no permissions"
         ):
             client.eval("return redis.call(unpack(ARGV))", 0, *command)
         # Keys outside convoy's prefix are off limits as well.
-        with pytest.raises(redis.ResponseError, match="NOPERM|no permissions"):
+        with pytest.raises(redis.ResponseError, match=r"NOPERM|no permissions|command not allowed"):
             client.set("elsewhere", 1)
         assert client.ping()
     finally:
@@ -204,7 +204,7 @@ def test_zstd_frames_asking_for_a_large_window_are_refused() -> None:
     out = memoryview(bytearray(FRAME_BYTES))
     assert codec.decompress_stream_into(_zstd_frame(3), out) == FRAME_BYTES  # an 8 KiB window is fine
     huge = _zstd_frame(21)  # 2 GiB: libzstd's default limit (128 MiB) is far above what a frame needs
-    with pytest.raises(zstandard.ZstdError, match="too much memory|window"):
+    with pytest.raises(zstandard.ZstdError, match=r"too much memory|window"):
         codec.decompress_stream_into(huge, out)
     with pytest.raises(CorruptSegmentError):  # the per-frame path refuses it too (no content size)
         codec.decompress(huge)
