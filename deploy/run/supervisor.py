@@ -16,6 +16,10 @@ the CARLA scripts that rerun a whole job on any crash):
   (deploy/run/shardtable.py). The replacement may land on another node: its new URL goes
   into the shard table, which the control actor publishes to every writer and the sampler.
 
+The module runs past 400 lines because every kind's handlers are methods of the one loop
+that owns ``pending`` and the actor handles; the shard table's own rules (states, backoff,
+bound) live apart in deploy/run/shardtable.py.
+
 Each actor has exactly one call in flight: collectors ``collect(steps_per_call)``, the
 learner ``train(updates_per_call)``. Collectors that wait for resources (a CARLA node the
 autoscaler is still bringing up) join when Ray places them: the run starts with one.
