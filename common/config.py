@@ -13,6 +13,7 @@ typed fields is the engine in common/coerce.py.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,14 +44,33 @@ __all__ = [
 REDACTED = "***"
 
 
+# The one rule for credentials in URLs, whatever the scheme: the password of ``user:pw@``
+# (also ``:pw@``) and the value of a secret-looking query parameter (``?password=``).
+_URL_CREDENTIALS = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<cred>[^/]*)@")
+_SECRET_PARAM = re.compile(r"(?i)([?&;](?:password|passwd|pass|secret|token|auth|access_key|secret_key)=)[^&;#]*")
+
+
+def _hide_password(m: re.Match[str]) -> str:
+    user, colon, _ = m.group("cred").partition(":")
+    return f"{m.group('scheme')}{user}{colon}{REDACTED if colon else ''}@"
+
+
 def redact_url(url: str) -> str:
-    """The URL with the password of its credentials replaced by ``***``."""
-    scheme, sep, rest = url.partition("//")
-    if "@" not in rest:
-        return url
-    cred, _, host = rest.rpartition("@")
-    user = cred.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:{REDACTED}@{host}"
+    """``url`` with every credential replaced by ``***`` (the user name stays): for anything
+    printed, logged or saved. ``redis://:pw@h`` -> ``redis://:***@h``, ``redis://u:pw@h`` ->
+    ``redis://u:***@h``, ``redis://h/0?password=pw`` -> ``redis://h/0?password=***``."""
+    return _SECRET_PARAM.sub(rf"\1{REDACTED}", _URL_CREDENTIALS.sub(_hide_password, url))
+
+
+def _redact_urls(value: Any) -> Any:
+    """``value`` with :func:`redact_url` applied to every string in it that holds a URL."""
+    if isinstance(value, str):
+        return redact_url(value) if "://" in value else value
+    if isinstance(value, list | tuple):
+        return [_redact_urls(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact_urls(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)
@@ -240,13 +260,21 @@ class ReplayConfig:
     )
     password: str = opt(
         "",
-        "Shard password (requirepass). Empty: none for loopback-only runs; on a multi-node cluster a random one "
-        "per run. $CONVOY_REPLAY_PASSWORD is used when this is empty. Never printed or saved (shown as ***).",
+        "Password of the ACL user `convoy` on convoy-started shards (also of given shard_urls without one). "
+        "Empty: $CONVOY_REPLAY_PASSWORD, else a random one per run (also on loopback). Never printed or saved "
+        "(shown as ***).",
     )
     shard_resources: dict[str, float] = opt(  # noqa: RUF009 - _opt gives dicts a default_factory
         {}, "Custom Ray resources each convoy-started shard actor requests (multi-node runs), e.g. {replay: 1}."
     )
     redis_server: str = opt("redis-server", "redis-server executable used to start shards.")
+    max_shard_restarts: int = opt(
+        10,
+        "Times a convoy-started shard actor that died (its node or process) is replaced, with a backoff of 1 s "
+        "doubling to 30 s; the replacement may land on another node, and writers and the learner follow its new "
+        "address. Past it the run goes on with the other shards, and gives up when none is left.",
+        min=0,
+    )
     codec: str = opt(
         "zstd",
         "Per-frame compression (zstd-6: ~4x smaller than lz4 on driving frames, see replay_service/codec.py).",
@@ -356,13 +384,13 @@ class ConvoyConfig:
         return out
 
     def to_yaml(self, redact: bool = True) -> str:
-        """YAML of the resolved config; secrets (the shard password, credentials in shard URLs)
+        """YAML of the resolved config; secrets (the shard password, credentials in any URL)
         are shown as ``***`` unless ``redact`` is False. Printed and saved configs are redacted."""
         data = self.to_dict()
         if redact:
             if data["replay"]["password"]:
                 data["replay"]["password"] = REDACTED
-            data["replay"]["shard_urls"] = [redact_url(u) for u in data["replay"]["shard_urls"]]
+            data = _redact_urls(data)  # shard URLs, out_dir, ray_address: any URL with credentials
         return yaml.safe_dump(data, sort_keys=False)
 
     def min_size_to_sample(self) -> int:

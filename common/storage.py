@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 import fsspec
 
+from common.config import redact_url
+
 # The extra that brings each protocol's fsspec implementation.
 _EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -42,7 +44,8 @@ class StorageError(RuntimeError):
 
 def redact(uri: str) -> str:
     """``uri`` without any ``user:secret@`` part, for messages and logs."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", uri)
+    # No user name either (an access key id); query secrets go by the shared rule.
+    return redact_url(re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", uri))
 
 
 def protocol(uri: str | Path) -> str:

@@ -108,6 +108,9 @@ class CorruptSegmentError(ValueError):
     """The one error a reader raises for a value that is not a valid convoy segment."""
 
 
+ZSTD_MAX_WINDOW = 1 << 16
+
+
 class FrameCodec:
     """Per-frame compression; one instance per thread (zstd contexts are not thread-safe)."""
 
@@ -117,7 +120,9 @@ class FrameCodec:
         self.name = name
         self.id = CODECS[name]
         self._zc = _zstd_compressor(level) if name == "zstd" else None
-        self._zd = zstandard.ZstdDecompressor()
+        # A frame needs a window of at most its 7056 bytes; a corrupt or hostile header that asks
+        # for more (zstd allows up to 2 GiB) is refused instead of allocated.
+        self._zd = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
 
     def compress(self, raw: bytes) -> bytes:
         if self._zc is not None:

@@ -18,3 +18,8 @@ class ShardAuthError(ShardError):
 
 class SampleError(RuntimeError):
     """Sampling failed (for example, every shard is empty or unreachable)."""
+
+
+class ShardWriteError(ShardError):
+    """A shard refused a write (out of memory under ``maxmemory``, or insert.lua rejected its
+    arguments); the writer counts it, backs off from that shard and tries another."""

@@ -6,7 +6,24 @@
 -- The epoch is part of every segment key: a shard that restarts empty gets a new one, so a
 -- reader's mirror of the old shard can never alias the new shard's segments.
 -- Returns {seq, size, evicted, inserted_total, sampled_total, epoch}.
+-- Bad arguments (a bug or a foreign client) are refused with an error before anything is written.
+local function bad(what)
+  return redis.error_reply('ERR convoy insert: ' .. what)
+end
+if #KEYS ~= 9 then return bad('expected 9 keys, got ' .. #KEYS) end
+if #ARGV ~= 5 then return bad('expected 5 arguments, got ' .. #ARGV) end
 local blob, t, cap, prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+if #blob == 0 then return bad('empty segment') end
+if not t or t ~= math.floor(t) or t < 1 or t > 1000000 then
+  return bad('transition count must be an integer in [1, 1000000], got ' .. tostring(ARGV[2]))
+end
+if not cap or cap ~= math.floor(cap) or cap < 1 then
+  return bad('capacity must be an integer >= 1, got ' .. tostring(ARGV[3]))
+end
+if #prefix == 0 or #prefix > 64 then return bad('bad key prefix') end
+if not string.match(ARGV[5], '^%x+$') or #ARGV[5] > 64 then
+  return bad('epoch must be 1-64 hex digits')
+end
 local epoch = redis.call('GET', KEYS[8])
 if not epoch then
   epoch = ARGV[5]

@@ -37,12 +37,16 @@ class ShardOwner:
         advertise: str = "",
         check_every_s: float = 0.2,
         max_backoff_s: float = 5.0,
+        maxmemory: int = 0,
     ) -> None:
         self.host = host
         self.password = password
         self.executable = executable
+        self.maxmemory = maxmemory
         self.advertise = advertise or host
-        self.process = RedisShardProcess(host=host, port=port, password=password, executable=executable)
+        self.process = RedisShardProcess(
+            host=host, port=port, password=password, executable=executable, maxmemory=maxmemory
+        )
         self.port = self.process.port
         self.restarts_total = 0
         self.restart_failures_total = 0
@@ -56,7 +60,8 @@ class ShardOwner:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.advertise}:{self.port}/0"
+        # The process's URL (user, and the password only when none was given) at the advertised host.
+        return self.process.url.replace(f"@{self.host}:", f"@{self.advertise}:", 1)
 
     def alive(self) -> bool:
         with self._lock:
@@ -80,7 +85,11 @@ class ShardOwner:
                 self.process.stop()
                 try:
                     self.process = RedisShardProcess(
-                        host=self.host, port=self.port, password=self.password, executable=self.executable
+                        host=self.host,
+                        port=self.port,
+                        password=self.password,
+                        executable=self.executable,
+                        maxmemory=self.maxmemory,
                     )
                 except ShardError as exc:
                     # The port may still be held for a moment; try again with a growing pause.

@@ -21,7 +21,7 @@ class ShardActor:
     asks for its predecessor's, to come back on the same address); 0 picks a free one.
     """
 
-    def __init__(self, index: int, bind: str, port: int, password: str, executable: str) -> None:
+    def __init__(self, index: int, bind: str, port: int, password: str, executable: str, maxmemory: int = 0) -> None:
         if bind == "node":
             host = ray.util.get_node_ip_address()
         elif bind == "loopback":
@@ -31,7 +31,9 @@ class ShardActor:
         if host not in (LOOPBACK, "localhost", "::1") and not password:
             raise ValueError("a shard reachable from other nodes needs a password")
         self.index = index
-        self.owner = ShardOwner(host=host, port=port or None, password=password, executable=executable)
+        self.owner = ShardOwner(
+            host=host, port=port or None, password=password, executable=executable, maxmemory=maxmemory
+        )
 
     def url(self) -> str:
         return self.owner.url

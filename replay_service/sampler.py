@@ -48,6 +48,7 @@ from replay_service.index import IndexRefresher, ShardIndex, Snapshot
 from replay_service.mirror import ResidentMirror, check_memory, mirror_units, resolve_mode
 from replay_service.ratelimit import SampleToInsertRatio, poll_counters
 from replay_service.shards import ShardClient, ShardHealth, ShardStats, check_shards_at_start
+from replay_service.table import GONE, ShardTable, TableFollower
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,15 @@ class ReplaySampler:
         capacity: int = 0,
         segment_length: int = 64,
         device: str = "cpu",
+        shard_table: ShardTable | None = None,
+        table_poll_s: float = 1.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
-        self.urls = list(urls)
+        # Shards replaced at a new address are followed (table.py); a gone one keeps its last URL, unused.
+        self._table = TableFollower(urls, shard_table, table_poll_s)
+        current = self._table.current() if self._table.enabled else list(urls)
+        self.urls = [u or old for u, old in zip(current, urls, strict=True)]
         self.batch_size = batch_size
         self.password = password
         self.timeout = timeout
@@ -107,6 +113,9 @@ class ReplaySampler:
         self.rate_limit_poll_s = rate_limit_poll_s
         self._seed = seed
         self._health = [ShardHealth(i, u, "replay sampler") for i, u in enumerate(self.urls)]
+        for h, u in zip(self._health, current, strict=True):
+            if u == GONE:
+                h.retire()
         self._clients: dict[int, list[ShardClient]] = {}  # per worker thread, used only by it
         self._index = ShardIndex(len(self.urls))
         self._counters = [ShardCounters() for _ in self.urls]
@@ -162,10 +171,37 @@ class ReplaySampler:
         per_worker = self._clients.get(worker)
         if per_worker is None:
             per_worker = self._clients[worker] = [ShardClient(u, self.password, self.timeout) for u in self.urls]
+        if per_worker[shard].url != self.urls[shard]:  # the shard moved (only this worker uses these)
+            per_worker[shard].close()
+            per_worker[shard] = ShardClient(self.urls[shard], self.password, self.timeout)
         return per_worker[shard]
+
+    def _follow_table(self) -> None:
+        """Switch to the shards' new addresses, if any moved (see table.py): under the
+        refresher's lock (its clients), with the moved shard's mirror and counters dropped."""
+        changes = self._table.changes()
+        if not changes:
+            return
+        with self._refresher.lock:
+            for i, url in changes.items():
+                if url == GONE:
+                    self._health[i].retire()
+                else:
+                    old, self._refresher.clients[i] = (
+                        self._refresher.clients[i],
+                        ShardClient(url, self.password, self.timeout),
+                    )
+                    old.close()
+                    self.urls[i] = url
+                    self._health[i].moved(url)
+                self._index.drop(i)
+                with self._lock:
+                    self._counters[i].stats = ShardStats()
+                    self._counters[i].unreported = 0  # samples of the old server, which is gone
 
     def refresh_index(self) -> int:
         """Bring the local mirror up to date; returns the total transitions stored."""
+        self._follow_table()
         self._refresher.refresh()
         return self.size
 
@@ -255,6 +291,7 @@ class ReplaySampler:
     def sample_batch(self, rng: np.random.Generator | None = None, worker: int = -1) -> Batch:
         """Fetch and decode one batch on the calling thread."""
         rng = rng or self._rng
+        self._follow_table()
         self._refresher.maybe_refresh()
         if self.size == 0:
             self.refresh_index()

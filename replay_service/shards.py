@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -21,7 +22,7 @@ from redis.retry import Retry
 
 from common.config import redact_url
 from replay_service.codec import index_size
-from replay_service.errors import ShardAuthError, ShardError, ShardUnavailable
+from replay_service.errors import ShardAuthError, ShardError, ShardUnavailable, ShardWriteError
 from replay_service.launcher import RedisShardProcess
 from replay_service.resp import RespConnection, pack
 
@@ -93,7 +94,7 @@ def connect(url: str, password: str = "", timeout: float = 5.0) -> redis.Redis:
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
     }
-    if password and "@" not in url.split("//", 1)[-1]:
+    if password and not urlsplit(url).password:
         kwargs["password"] = password
     return redis.Redis.from_url(url, **kwargs)
 
@@ -212,6 +213,23 @@ class ShardHealth:
                     exc,
                 )
 
+    def moved(self, url: str) -> None:
+        """The shard now listens at ``url`` (replaced on another node): healthy until it fails,
+        and every connection to the old address stale."""
+        with self._lock:
+            self.url = redact(url)
+            self.generation += 1
+            self.up = True
+            self._backoff = 0.0
+            self._retry_at = 0.0
+
+    def retire(self) -> None:
+        """The shard is gone for good (the driver stopped replacing it): never retried."""
+        with self._lock:
+            self.generation += 1
+            self.up = False
+            self._retry_at = float("inf")
+
     def succeeded(self) -> bool:
         """Mark the shard up; True when this ends an outage."""
         if self.up:
@@ -233,6 +251,8 @@ def check_shards_at_start(clients: Sequence[ShardClient], health: Sequence[Shard
     """A wrong password is a clear error now; an unreachable shard is marked down (and retried
     later), unless every shard is unreachable. The caller closes its connections on error."""
     for client, h in zip(clients, health, strict=True):
+        if not h.available():
+            continue  # gone for good (see ShardHealth.retire)
         try:
             client.ping()
         except ShardUnavailable as exc:
@@ -288,7 +308,8 @@ class ShardClient:
         except redis.ResponseError as exc:
             if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
                 raise self._fail(exc) from None
-            raise
+            # OOM under maxmemory, or insert.lua refusing its arguments: the writer counts it.
+            raise ShardWriteError(f"shard {redact(self.url)} refused the insert: {exc}") from None
         return InsertResult(int(seq), int(size), int(evicted), int(ins), int(sampled), ep.decode())
 
     def stats(self) -> ShardStats:

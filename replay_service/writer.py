@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from common.metrics import Latency
 from common.schema import Segment
 from replay_service.codec import FrameCodec, encode_segment
-from replay_service.errors import ShardAuthError, ShardUnavailable
+from replay_service.errors import ShardAuthError, ShardUnavailable, ShardWriteError
 from replay_service.ratelimit import SampleToInsertRatio, poll_counters
 from replay_service.shards import ShardClient, ShardHealth, ShardStats, check_shards_at_start
+from replay_service.table import GONE, ShardTable, TableFollower
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,13 @@ class ReplayWriter:
     the others) and retried with backoff; when every shard is down the segment is dropped and
     counted, the collector keeps running: a lost shard costs its data, never the run.
 
+    A write a shard refuses (out of memory under its ``maxmemory``, arguments insert.lua
+    rejects) is counted in ``replay_writer/write_errors_total`` and handled like a lost shard:
+    backed off from and retried later, never raised into the collector.
+
+    With ``shard_table`` (a callable returning every shard's current URL, see table.py) a shard
+    replaced at a new address is followed within ``table_poll_s``.
+
     With ``samples_per_insert > 0``, :meth:`write` waits while the collectors are more than the
     tolerance ahead of the learner (see ratelimit.py). Setting ``stop`` (from another thread)
     ends that wait: at the end of a run the learner no longer samples, so it could last forever.
@@ -63,11 +71,20 @@ class ReplayWriter:
         rate_limit_poll_s: float = 0.02,
         timeout: float = 5.0,
         stop: threading.Event | None = None,
+        shard_table: ShardTable | None = None,
+        table_poll_s: float = 1.0,
     ) -> None:
         if not urls:
             raise ValueError("ReplayWriter needs at least one shard URL")
-        self.shards = [ShardClient(u, password, timeout) for u in urls]
-        self.health = [ShardHealth(i, u, f"replay writer {writer_id}") for i, u in enumerate(urls)]
+        self._table = TableFollower(urls, shard_table, table_poll_s)
+        current = self._table.current() if self._table.enabled else list(urls)
+        self.password, self.timeout = password, timeout
+        # A shard gone for good keeps a client of its last URL that is never used.
+        self.shards = [ShardClient(u or old, password, timeout) for u, old in zip(current, urls, strict=True)]
+        self.health = [ShardHealth(i, u, f"replay writer {writer_id}") for i, u in enumerate(current)]
+        for h, u in zip(self.health, current, strict=True):
+            if u == GONE:
+                h.retire()
         # Each shard holds an equal share; uniform sampling weights shards by their size.
         self.capacity_per_shard = max(1, capacity // len(self.shards))
         self.codec = FrameCodec(codec)
@@ -78,6 +95,8 @@ class ReplayWriter:
         self._counters = [_ShardCounters() for _ in self.shards]
         self.dropped_segments_total = 0
         self.dropped_transitions_total = 0
+        self.write_errors_total = 0
+        self.moves_total = 0
         self.insert_latency = Latency("replay_writer/insert_seconds")  # one atomic insert (+ eviction)
         self.rate_limit_wait_seconds_total = 0.0
         self.rate_limited_total = 0
@@ -120,7 +139,21 @@ class ReplayWriter:
 
     # ----- writing ---------------------------------------------------------------------------
 
+    def _follow_table(self) -> None:
+        """Switch to the shards' new addresses, if any moved (see table.py)."""
+        for i, url in self._table.changes().items():
+            self.moves_total += 1
+            c = self._counters[i]
+            c.stored = c.inserted_all = c.sampled_all = 0  # a new shard: its counters start over
+            if url == GONE:
+                self.health[i].retire()
+                continue
+            old, self.shards[i] = self.shards[i], ShardClient(url, self.password, self.timeout)
+            old.close()
+            self.health[i].moved(url)
+
     def write(self, segment: Segment) -> None:
+        self._follow_table()
         blob = encode_segment(segment, self.codec)
         self._wait_for_learner()
         n = len(self.shards)
@@ -140,6 +173,10 @@ class ReplayWriter:
                 self.health[i].failed(exc)
                 continue
             except ShardAuthError as exc:  # e.g. a shard restarted with another password
+                self.health[i].failed(exc)
+                continue
+            except ShardWriteError as exc:  # out of memory, or bad arguments: counted, backed off
+                self.write_errors_total += 1
                 self.health[i].failed(exc)
                 continue
             self.insert_latency.observe(time.perf_counter() - start)
@@ -187,6 +224,8 @@ class ReplayWriter:
             "replay_writer/rate_limit_wait_seconds_total": self.rate_limit_wait_seconds_total,
             "replay_writer/rate_limited_total": self.rate_limited_total,
             "replay_writer/shards_up": sum(h.up for h in self.health),
+            "replay_writer/write_errors_total": self.write_errors_total,
+            "replay_writer/shard_moves_total": self.moves_total,
         }
         for i, (c, h) in enumerate(zip(self._counters, self.health, strict=True)):
             p = f"replay_writer/shard{i}/"

@@ -38,10 +38,8 @@ def redis_process() -> Iterator[RedisShardProcess]:
 
 @pytest.fixture
 def redis_url(redis_process: RedisShardProcess) -> str:
-    """A clean shard for each test (FLUSHALL on a module-scoped server)."""
-    import redis
-
-    client = redis.Redis(host=redis_process.host, port=redis_process.port)
+    """A clean shard for each test (FLUSHALL, as the launcher's admin user, on a module-scoped server)."""
+    client = redis_process.admin()
     client.flushall()
     client.close()
     return redis_process.url

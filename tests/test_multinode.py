@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,7 @@ def test_run_across_nodes_with_s3_storage(s3_cluster: NetnsCluster, tmp_path: Pa
         env={"CONVOY_REPLAY_PASSWORD": PASSWORD},
     )
     try:
-        shard = out.wait_for(r"placement: shard 0 -> node (\S+) \(redis://([\d.]+):(\d+)/0\)", timeout=240)
+        shard = out.wait_for(r"placement: shard 0 -> node (\S+) \(redis://convoy@([\d.]+):(\d+)/0\)", timeout=240)
         assert shard.group(1) == worker.address and shard.group(2) == worker.address
         host, port = shard.group(2), int(shard.group(3))
         # The shard listens on the worker's own address, and only with the run's password.
@@ -73,7 +74,9 @@ def test_run_across_nodes_with_s3_storage(s3_cluster: NetnsCluster, tmp_path: Pa
             redis.Redis(host=host, port=port, socket_timeout=5).ping()
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host=host, port=port, password="wrong", socket_timeout=5).ping()
-        assert redis.Redis(host=host, port=port, password=PASSWORD, socket_timeout=5).ping()
+        with pytest.raises(redis.AuthenticationError):  # the default user is off, whatever the password
+            redis.Redis(host=host, port=port, password=PASSWORD, socket_timeout=5).ping()
+        assert redis.Redis(host=host, port=port, username="convoy", password=PASSWORD, socket_timeout=5).ping()
         try:
             proc.wait(timeout=600)
         except subprocess.TimeoutExpired:
@@ -128,3 +131,53 @@ def convoy_cat(cluster: NetnsCluster, node: object, uri: str) -> str:
     )
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
+
+
+def test_a_shard_moved_to_another_node_is_found_by_writers_and_the_learner(tmp_path: Path) -> None:
+    """The node holding the shard dies mid-run: the supervisor replaces the shard on the other
+    replay node, at a new address, and the collectors' writers and the learner's sampler follow
+    it there (inserts and samples reach it) until the run ends on its budget."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    nodes = [
+        {"num_cpus": 2, "resources": {"collector": 2}},  # driver, learner and collectors
+        {"num_cpus": 1, "resources": {"replay": 1}},
+        {"num_cpus": 1, "resources": {"replay": 1}},
+    ]
+    with NetnsCluster(nodes) as cluster:
+        head = cluster.nodes[0]
+        proc, out = cluster.train(
+            head,
+            f"run.out_dir={tmp_path / 'moved'}",
+            "run.total_env_steps=2000",
+            "collector.num_collectors=2",
+            env={"CONVOY_REPLAY_PASSWORD": PASSWORD},
+        )
+        try:
+            placed = out.wait_for(r"placement: shard 0 -> node (\S+) \(redis://convoy@([\d.]+):(\d+)/0\)", timeout=240)
+            out.wait_for(r"env_steps +[1-9]\d{2,} ", timeout=240)  # collectors are inserting
+            (dying,) = [n for n in cluster.nodes if n.address == placed.group(1)]
+            cluster.stop_node(dying)
+            moved = out.wait_for(
+                r"replay shard 0 replaced at a new address, redis://convoy:?\*{0,3}@([\d.]+):(\d+)/0", timeout=180
+            )
+            host, port = moved.group(1), int(moved.group(2))
+            assert host != dying.address
+            client = redis.Redis(host=host, port=port, username="convoy", password=PASSWORD, socket_timeout=5)
+            deadline = time.monotonic() + 120
+            inserted = sampled = 0
+            while time.monotonic() < deadline and not (inserted > 0 and sampled > 0):
+                inserted, sampled = (int(v or 0) for v in client.mget("cvy:inserted_total", "cvy:sampled_total"))
+                time.sleep(0.5)
+            assert inserted > 0 and sampled > 0, (inserted, sampled, out.text[-3000:])
+            try:
+                proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the run did not finish within 600 s:\n" + out.text[-5000:])
+        finally:
+            stop_run(proc)
+        text = out.text
+        assert proc.returncode == 0, text[-5000:]
+        assert re.search(r"done \(budget\): env_steps 2000", text), text[-3000:]
+        assert PASSWORD not in text

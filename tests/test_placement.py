@@ -58,7 +58,10 @@ def test_a_local_cluster_declares_what_the_run_config_asks_for() -> None:
 def test_password_precedence_and_generation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CONVOY_REPLAY_PASSWORD", raising=False)
     local, source = resolve_secrets(ConvoyConfig(), shards_on_node_addresses=False)
-    assert local.replay.password == "" and "loopback" in source
+    # Shards on loopback get a password too: another user of the machine must not reach them.
+    assert len(local.replay.password) >= 24 and "loopback" in source and "generated" in source
+    given_urls, source = resolve_secrets(ConvoyConfig().replace("replay.shard_urls=redis://h:1/0"), False)
+    assert given_urls.replay.password == "" and "shard_urls" in source
     cluster, source = resolve_secrets(ConvoyConfig(), shards_on_node_addresses=True)
     assert len(cluster.replay.password) >= 24 and "generated" in source
     again, _ = resolve_secrets(ConvoyConfig(), shards_on_node_addresses=True)
@@ -77,6 +80,14 @@ def test_secrets_are_redacted_in_yaml_and_read_back_as_unset() -> None:
     data = yaml.safe_load(text)
     assert data["replay"]["password"] == "***"
     assert data["replay"]["shard_urls"] == ["redis://:***@h:1/0", "redis://h2:2/0"]
+    # Every URL form, in any field: user and password, the query parameter, the run's storage.
+    urls = ConvoyConfig().replace(
+        "replay.shard_urls=redis://convoy:pw3@h:1/0,redis://h:2/0?password=pw4&db=0",
+        "run.out_dir=s3://AKIA:pw5@bucket/run",
+    )
+    text = urls.to_yaml()
+    assert not any(pw in text for pw in ("pw3", "pw4", "pw5")), text
+    assert "redis://convoy:***@h:1/0" in text and "password=***&db=0" in text
     assert cfg.to_dict()["replay"]["password"] == "s3cret"  # what actors' constructors get
     assert ConvoyConfig().replace("replay.password='***'").replay.password == ""
 

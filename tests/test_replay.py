@@ -419,7 +419,8 @@ def test_empty_replay_is_a_clear_error(redis_url: str, mode: str) -> None:
 def test_password_shard_url_with_password_and_wrong_password() -> None:
     shard = RedisShardProcess(password="s3cret")
     try:
-        good = f"redis://:s3cret@{shard.host}:{shard.port}/0"
+        # convoy's own ACL user; the default user is off on a convoy-started shard.
+        good = f"redis://convoy:s3cret@{shard.host}:{shard.port}/0"
         check_shard(good)
         check_shard(shard.url, "s3cret")
         w = ReplayWriter([good], 100)
@@ -427,7 +428,13 @@ def test_password_shard_url_with_password_and_wrong_password() -> None:
         with ReplaySampler([shard.url], 4, password="s3cret", prefetch=0) as s:
             assert next(s).size == 4
         w.close()
-        for url, pw in ((f"redis://:wrong@{shard.host}:{shard.port}/0", ""), (shard.url, ""), (shard.url, "nope")):
+        default_user = f"redis://:s3cret@{shard.host}:{shard.port}/0"
+        for url, pw in (
+            (f"redis://convoy:wrong@{shard.host}:{shard.port}/0", ""),
+            (default_user, ""),
+            (shard.url, ""),
+            (shard.url, "nope"),
+        ):
             start = time.monotonic()
             with pytest.raises(ShardAuthError, match=r"password|auth"):
                 ReplayWriter([url], 100, password=pw)

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 
 from replay_service.errors import ShardUnavailable
 from replay_service.launcher import RedisShardProcess
@@ -31,11 +30,10 @@ from tests.test_replay import MODES, make_segment, mirror_kw
 @pytest.fixture
 def two_shards(redis_process: RedisShardProcess) -> list[str]:
     """Two clean shards on one redis-server (databases 0 and 1): separate keys, separate epochs."""
-    urls = [f"redis://{redis_process.host}:{redis_process.port}/{db}" for db in (0, 1)]
-    for url in urls:
-        client = redis.Redis.from_url(url)
-        client.flushdb()
-        client.close()
+    urls = [redis_process.url.rsplit("/", 1)[0] + f"/{db}" for db in (0, 1)]
+    client = redis_process.admin()  # convoy's own user may not flush
+    client.flushall()
+    client.close()
     return urls
 
 
@@ -200,7 +198,9 @@ def test_counter_poll_never_resets_the_connection_a_refresh_is_using(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_shard_restarted_under_its_old_epoch_is_mirrored_afresh(two_shards: list[str], mode: str) -> None:
+def test_shard_restarted_under_its_old_epoch_is_mirrored_afresh(
+    two_shards: list[str], redis_process: RedisShardProcess, mode: str
+) -> None:
     """A writer hands an empty shard its own epoch (writer.py), so a shard restarted on its
     port between two refreshes can come back under the epoch the sampler mirrored, reusing
     seqs 1, 2, ... for other segments. Read with the old offsets they decode as corrupt and
@@ -212,7 +212,7 @@ def test_shard_restarted_under_its_old_epoch_is_mirrored_afresh(two_shards: list
     s = ReplaySampler([url], 32, prefetch=0, index_refresh_s=3600.0, **mirror_kw(mode))
     try:
         assert s.refresh_index() == 40
-        client = redis.Redis.from_url(url)
+        client = redis_process.admin()  # database 0, as ``url``
         client.flushdb()  # the restart, unseen by the sampler
         client.close()
         for i in range(2):

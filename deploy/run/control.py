@@ -4,7 +4,9 @@ The driver registers a named actor, ``control``, in the Ray namespace ``convoy-<
 `convoy scale RUN --collectors N` connects to the cluster, finds that actor by name and sets
 the wanted number of collectors; the driver's supervisor reads it every loop and starts or
 stops collectors to match. The actor also holds the driver's latest status, so `convoy
-scale` can report what the run is doing.
+scale` can report what the run is doing, and the run's shard table (deploy/run/shardtable.py):
+writers and the sampler read it through :class:`ShardTableView` to find a shard replaced at a
+new address.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class RunControl:
     def __init__(self, wanted_collectors: int) -> None:
         self.wanted = wanted_collectors
         self.status: dict[str, Any] = {}
+        self.shard_urls: list[str] = []
 
     def set_wanted(self, n: int) -> int:
         if n < 1:
@@ -46,6 +49,51 @@ class RunControl:
 
     def get_status(self) -> dict[str, Any]:
         return self.status
+
+    def set_shard_table(self, urls: list[str]) -> None:
+        self.shard_urls = list(urls)
+
+    def get_shard_table(self) -> list[str]:
+        return self.shard_urls
+
+
+class ShardTableView:
+    """``() -> list[str]``: the run's shard URLs as the control actor last published them.
+
+    Given to writers and the sampler (replay_service/table.py polls it). It never waits once it
+    has an answer: each call returns the newest table fetched so far and starts the next fetch
+    when the last one is done, so a slow or restarting control actor never stalls a collector.
+    Picklable (it travels to actors inside their factories); the handle is looked up by name
+    in each process, again after a failure (the supervisor replaces a dead control actor).
+    """
+
+    def __init__(self, namespace: str, first_wait_s: float = 5.0) -> None:
+        self.namespace = namespace
+        self.first_wait_s = first_wait_s
+        self._handle: Any = None
+        self._ref: Any = None
+        self._urls: list[str] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "first_wait_s": self.first_wait_s}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["namespace"], state["first_wait_s"])  # type: ignore[misc]
+
+    def __call__(self) -> list[str]:
+        try:
+            if self._handle is None:
+                self._handle = ray.get_actor(CONTROL_NAME, namespace=self.namespace)
+            if self._ref is None:
+                self._ref = self._handle.get_shard_table.remote()
+            wait = 0.0 if self._urls else self.first_wait_s
+            ready, _ = ray.wait([self._ref], timeout=wait)
+            if ready:
+                ref, self._ref = self._ref, None
+                self._urls = list(ray.get(ref))
+        except Exception:  # the control actor is gone or being replaced: look it up again
+            self._handle = self._ref = None
+        return list(self._urls)
 
 
 class RunNotFound(RuntimeError):

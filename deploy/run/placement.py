@@ -23,12 +23,17 @@ from typing import Any, TextIO
 from common.config import ConfigError, ConvoyConfig
 from deploy.run.evaluation import evaluator_resources
 from deploy.run.supervisor import Factories
+from replay_service.launcher import maxmemory_for
 from replay_service.sampler import ReplaySampler
 from replay_service.shards import check_shard, redact
+from replay_service.table import ShardTable
 from replay_service.writer import ReplayWriter
 
 
-def sink_factory(cfg: ConvoyConfig, urls: list[str], collector_id: int) -> functools.partial[ReplayWriter]:
+def sink_factory(
+    cfg: ConvoyConfig, urls: list[str], collector_id: int, shard_table: ShardTable | None = None
+) -> functools.partial[ReplayWriter]:
+    """A collector's writer; with ``shard_table`` it follows shards replaced at new addresses."""
     return functools.partial(
         ReplayWriter,
         urls,
@@ -39,10 +44,13 @@ def sink_factory(cfg: ConvoyConfig, urls: list[str], collector_id: int) -> funct
         samples_per_insert=cfg.replay.samples_per_insert,
         spi_tolerance=cfg.replay.spi_tolerance,
         min_size_to_sample=cfg.min_size_to_sample(),
+        shard_table=shard_table,
     )
 
 
-def source_factory(cfg: ConvoyConfig, urls: list[str], pin_memory: bool) -> functools.partial[ReplaySampler]:
+def source_factory(
+    cfg: ConvoyConfig, urls: list[str], pin_memory: bool, shard_table: ShardTable | None = None
+) -> functools.partial[ReplaySampler]:
     """The learner's sampler; ``pin_memory`` is True exactly when the learner runs on a GPU."""
     return functools.partial(
         ReplaySampler,
@@ -61,6 +69,7 @@ def source_factory(cfg: ConvoyConfig, urls: list[str], pin_memory: bool) -> func
         capacity=cfg.replay.capacity,
         segment_length=cfg.collector.segment_length,
         device=(cfg.learner.device if cfg.learner.device != "auto" else "cuda") if pin_memory else "cpu",
+        shard_table=shard_table,
     )
 
 
@@ -160,8 +169,11 @@ def wait_placed(refs: list[Any], what: str, out: TextIO, say_every_s: float = 15
 
 
 def shard_factory(cfg: ConvoyConfig, bind: str, namespace: str) -> Callable[[int, int], Any]:
-    """``(index, port) -> ShardActor``: spread over nodes; a replacement asks for its predecessor's port."""
+    """``(index, port) -> ShardActor``: spread over nodes; a replacement asks for its predecessor's port
+    first (port 0: any free one). Each shard's memory is bounded from its share of ``replay.capacity``."""
     from replay_service.remote import ShardActor
+
+    maxmemory = maxmemory_for(cfg.replay.capacity // cfg.replay.num_shards)
 
     def make_shard(index: int, port: int) -> Any:
         return ShardActor.options(  # type: ignore[attr-defined]
@@ -169,7 +181,7 @@ def shard_factory(cfg: ConvoyConfig, bind: str, namespace: str) -> Callable[[int
             scheduling_strategy="SPREAD",
             name=f"shard-{index}",
             namespace=namespace,
-        ).remote(index, bind, port, cfg.replay.password, cfg.replay.redis_server)
+        ).remote(index, bind, port, cfg.replay.password, cfg.replay.redis_server, maxmemory)
 
     return make_shard
 
@@ -194,13 +206,16 @@ def place_shards(cfg: ConvoyConfig, make_shard: Callable[[int, int], Any], out: 
     return urls, shards
 
 
-def learner_factory(cfg: ConvoyConfig, urls: list[str], config: dict[str, Any], gpus: float) -> Callable[[], Any]:
+def learner_factory(
+    cfg: ConvoyConfig, urls: list[str], config: dict[str, Any], gpus: float, shard_table: ShardTable | None = None
+) -> Callable[[], Any]:
     from learner.remote import LearnerActor
 
     def make_learner() -> Any:
+        source = source_factory(cfg, urls, pin_memory=gpus > 0, shard_table=shard_table)
         return LearnerActor.options(  # type: ignore[attr-defined]
             num_cpus=1, num_gpus=gpus, resources=dict(cfg.learner.resources) or None
-        ).remote(config, source_factory(cfg, urls, pin_memory=gpus > 0), cfg.run.out_dir)
+        ).remote(config, source, cfg.run.out_dir)
 
     return make_learner
 
@@ -222,7 +237,9 @@ def place_learner(make_learner: Callable[[], Any], gpus: float, resume: str | No
     return learner
 
 
-def collector_factory(cfg: ConvoyConfig, urls: list[str], config: dict[str, Any]) -> Callable[[int, int], Any]:
+def collector_factory(
+    cfg: ConvoyConfig, urls: list[str], config: dict[str, Any], shard_table: ShardTable | None = None
+) -> Callable[[int, int], Any]:
     """``(index, incarnation) -> CollectorActor``, placed as resources allow (the run starts with the first)."""
     from actors.remote import CollectorActor
 
@@ -231,7 +248,7 @@ def collector_factory(cfg: ConvoyConfig, urls: list[str], config: dict[str, Any]
     def make_collector(index: int, incarnation: int) -> Any:
         return CollectorActor.options(  # type: ignore[attr-defined]
             num_cpus=cfg.collector.num_cpus, resources=resources or None
-        ).remote(config, index, sink_factory(cfg, urls, index), incarnation)
+        ).remote(config, index, sink_factory(cfg, urls, index, shard_table), incarnation)
 
     return make_collector
 
@@ -256,17 +273,25 @@ def place(cfg: ConvoyConfig, name: str, bind: str, namespace: str, resume: str |
     """Control actor, shards, learner (restored with ``resume``), and the collectors' factory."""
     import ray
 
+    from deploy.run.control import ShardTableView
+
     check_run_is_new(name, namespace)
     control = make_control(namespace, cfg.collector.num_collectors)
     config = cfg.to_dict()  # unredacted: constructor arguments are the one way secrets travel
     make_shard = shard_factory(cfg, bind, namespace)
     urls, shards = place_shards(cfg, make_shard, out)
+    # Shards convoy started may be replaced at new addresses: writers and the sampler read the
+    # table the supervisor keeps, through the control actor (a pull: see ShardTableView).
+    table = ShardTableView(namespace) if shards else None
+    if shards:
+        ray.get(control.set_shard_table.remote(urls))
     gpus = learner_gpus(cfg, ray.cluster_resources())
-    make_learner = learner_factory(cfg, urls, config, gpus)
+    make_learner = learner_factory(cfg, urls, config, gpus, table)
     learner = place_learner(make_learner, gpus, resume, out)
     factories = Factories(
-        collector=collector_factory(cfg, urls, config),
+        collector=collector_factory(cfg, urls, config, table),
         learner=make_learner,
         shard=make_shard if shards else None,
+        shard_urls=list(urls) if shards else [],
     )
     return Placement(control, urls, shards, learner, factories)

@@ -67,16 +67,18 @@ def with_out_dir(cfg: ConvoyConfig, config_name: str) -> ConvoyConfig:
 def resolve_secrets(cfg: ConvoyConfig, shards_on_node_addresses: bool) -> tuple[ConvoyConfig, str]:
     """The config with its shard password filled in, and a line saying where it came from.
 
-    Precedence: ``replay.password``, then ``$CONVOY_REPLAY_PASSWORD``, then (only when shards
-    convoy starts listen on node addresses) a random one for this run. The password reaches
-    actors only through their constructor arguments and is redacted wherever it is shown."""
+    Precedence: ``replay.password``, then ``$CONVOY_REPLAY_PASSWORD``, then (for shards convoy
+    starts, on node addresses or loopback alike: another user of the machine must not reach
+    them) a random one for this run. The password reaches actors only through their
+    constructor arguments and is redacted wherever it is shown."""
     password, source = cfg.replay.password, "replay.password"
     if not password and os.environ.get(PASSWORD_ENV):
         password, source = os.environ[PASSWORD_ENV], f"${PASSWORD_ENV}"
-    if not password and shards_on_node_addresses and not cfg.replay.shard_urls:
-        password, source = secrets.token_urlsafe(24), "generated for this run (shards listen on node addresses)"
+    if not password and not cfg.replay.shard_urls:
+        where = "node addresses" if shards_on_node_addresses else "loopback"
+        password, source = secrets.token_urlsafe(24), f"generated for this run (shards listen on {where})"
     if not password:
-        return cfg, "none (shards on loopback only)"
+        return cfg, "none (the given shard_urls carry their own credentials, if any)"
     return dataclasses.replace(cfg, replay=dataclasses.replace(cfg.replay, password=password)), source
 
 

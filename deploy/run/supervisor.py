@@ -11,8 +11,14 @@ the CARLA scripts that rerun a whole job on any crash):
 - the **learner** is restarted from the run's newest complete checkpoint (fresh when there
   is none) while collectors keep filling replay, at most ``run.max_learner_restarts`` times.
 - **shards** restart their own redis-server (replay_service/owner.py); the supervisor
-  counts those restarts, and replaces a shard actor that died with one asking for the
-  same port.
+  counts those restarts, and replaces a shard actor that died (first asking for its old port,
+  then any), with a backoff and at most ``replay.max_shard_restarts`` times per shard
+  (deploy/run/shardtable.py). The replacement may land on another node: its new URL goes
+  into the shard table, which the control actor publishes to every writer and the sampler.
+
+The module runs past 400 lines because every kind's handlers are methods of the one loop
+that owns ``pending`` and the actor handles; the shard table's own rules (states, backoff,
+bound) live apart in deploy/run/shardtable.py.
 
 Each actor has exactly one call in flight: collectors ``collect(steps_per_call)``, the
 learner ``train(updates_per_call)``. Collectors that wait for resources (a CARLA node the
@@ -28,13 +34,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from common.config import ConvoyConfig
+from common.config import ConvoyConfig, redact_url
 from deploy.run.dispatch import Handler, Periodic
 from deploy.run.progress import Progress, RestartClock
+from deploy.run.shardtable import LIVE, STARTING, ShardTable
 from deploy.run.signals import wait_all
 from deploy.run.weights import WeightsChannel
 
@@ -75,6 +83,7 @@ class Factories:
     collector: Callable[[int, int], Any]  # (index, incarnation) -> actor handle
     learner: Callable[[], Any]
     shard: Callable[[int, int], Any] | None = None  # (index, port) -> actor handle; None: shards given by URL
+    shard_urls: list[str] = field(default_factory=list)  # where the started shards listen at first
 
 
 class Supervisor:
@@ -103,6 +112,9 @@ class Supervisor:
         self.learner = learner
         self.shards = shards
         self.shard_ports: list[int] = [0] * len(shards)
+        urls = factories.shard_urls if len(factories.shard_urls) == len(shards) else ["unknown"] * len(shards)
+        self.shard_table = ShardTable(list(urls), cfg.replay.max_shard_restarts)
+        self._shard_port: dict[int, int] = {}  # the port a replacement due asks for
         self.progress = progress
         self.out = out
         self.control = control
@@ -131,7 +143,8 @@ class Supervisor:
             "collect": Handler(coll, self._on_collected, coll_failed, on_final=self._final_collect),
             "learner_ready": Handler(learner, self._on_learner_ready, learner_failed),
             "train": Handler(learner, self._on_trained, learner_failed, on_final=self._final_train),
-            "shard": Handler(lambda index, actor: True, self._on_shard_metrics, self._shard_failed),
+            "shard": Handler(self._shard_current, self._on_shard_metrics, self._shard_failed),
+            "shard_placed": Handler(self._shard_current, self._on_shard_placed, self._shard_failed),
         }
 
     def _periodic(self, now: float) -> list[Periodic]:
@@ -140,6 +153,7 @@ class Supervisor:
             Periodic(10.0, self._say_waiting, when=lambda: self.progress.collectors_live == 0),
             Periodic(1.0, self._sync_control),
             Periodic(1.0, self._poll_shards, when=lambda: not self._in_flight("shard")),
+            Periodic(0.2, self._replace_due_shards),
         ]
         if self.on_tick is not None:
             on_tick = self.on_tick
@@ -274,15 +288,54 @@ class Supervisor:
 
     def _poll_shards(self) -> None:
         for i, shard in enumerate(self.shards):
-            self.pending[shard.metrics.remote()] = ("shard", i, shard)
+            if self.shard_table.state(i) == LIVE:
+                self.pending[shard.metrics.remote()] = ("shard", i, shard)
+
+    def _shard_current(self, index: int, actor: Any) -> bool:
+        # A call of a shard actor already replaced, or one whose failure was handled, is stale.
+        return self.shards[index] is actor and self.shard_table.state(index) in (LIVE, STARTING)
 
     def _shard_failed(self, index: int, exc: BaseException) -> None:
+        table, was = self.shard_table, self.shard_table.state(index)
         self.progress.counts.shard_restarts += 1
-        self.say(f"replay shard {index} actor failed ({describe_failure(exc)}); starting a new one on its port")
         with contextlib.suppress(Exception):
             ray.kill(self.shards[index], no_restart=True)
-        assert self.factories.shard is not None, "only convoy-started shards are polled"
-        self.shards[index] = self.factories.shard(index, self.shard_ports[index])
+        cause = describe_failure(exc)
+        if not table.failed(index, time.monotonic()):
+            self._publish_shard_table()
+            limit = f"replay.max_shard_restarts={self.cfg.replay.max_shard_restarts}"
+            if table.live == 0:
+                raise GiveUp(f"every replay shard failed more than {limit} times; last: shard {index}: {cause}")
+            self.say(
+                f"replay shard {index} failed ({cause}) more than {limit} times; "
+                f"the run goes on with the other {table.live} shard(s)"
+            )
+            return
+        # First ask for the old port (a restart on the same node keeps the address); if that
+        # replacement never came up (the port is held), any free port.
+        self._shard_port[index] = (urlsplit(table.entries[index].url).port or 0) if was == LIVE else 0
+        delay = table.entries[index].retry_at - time.monotonic()
+        self.say(f"replay shard {index} actor failed ({cause}); replacing it in {max(0.0, delay):.1f}s")
+
+    def _replace_due_shards(self) -> None:
+        if self.factories.shard is None:
+            return
+        for index in self.shard_table.due(time.monotonic()):
+            self.shard_table.starting(index)
+            actor = self.shards[index] = self.factories.shard(index, self._shard_port.get(index, 0))
+            self.pending[actor.url.remote()] = ("shard_placed", index, actor)
+
+    def _on_shard_placed(self, index: int, url: str) -> None:
+        before = self.shard_table.entries[index].url
+        self.shard_table.replaced(index, url)
+        self.progress.shards.pop(index, None)  # a new owner: its restart counter starts over
+        self._publish_shard_table()
+        where = "the same address" if url == before else f"a new address, {redact_url(url)}"
+        self.say(f"replay shard {index} replaced at {where}")
+
+    def _publish_shard_table(self) -> None:
+        if self.control is not None and self.shard_table.entries:
+            self.control.set_shard_table.remote(self.shard_table.urls())
 
     # ----- finished calls, per kind ------------------------------------------------------
 
@@ -368,6 +421,7 @@ class Supervisor:
             self.control = self.make_control(self.wanted) if self.make_control else None
             return
         self.scale_to(int(wanted))
+        self._publish_shard_table()  # also reaches a control actor that was just replaced
         status = {k.split("/", 1)[1]: v for k, v in self.progress.summary().items()}
         status["collectors_live"] = self.progress.collectors_live
         self.control.set_status.remote(status)
