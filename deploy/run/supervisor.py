@@ -250,6 +250,7 @@ class Supervisor:
             )
         with contextlib.suppress(Exception):
             ray.kill(self.learner, no_restart=True)
+        self.weights.owner_died()
         self.learner_live = False
         self.learner_generation += 1
         self.restarts.learner_failed()
@@ -312,8 +313,10 @@ class Supervisor:
         metrics, published = result
         self.progress.learner = metrics
         if published is not None:
-            version, weights = published
-            self.weights.publish(version, ray.put(weights))
+            version, ref = published
+            if not isinstance(ref, ray.ObjectRef):  # the driver forwards references, never weight bytes
+                raise TypeError(f"the learner returned weights as {type(ref).__name__}, not an object reference")
+            self.weights.publish(version, ref)
         took = self.restarts.learner_trained(metrics)
         if took is not None:
             self.say(f"learner updating again {took:.1f}s after the failure")
