@@ -76,7 +76,7 @@ class FakeLearner:
         self.updates += n
         version = self.updates
         # As LearnerActor: the weights go into the object store here, the driver gets the reference.
-        metrics = {"learner/updates_total": self.updates, "learner/weights_version": version}
+        metrics: dict[str, float] = {"learner/updates_total": self.updates, "learner/weights_version": version}
         return metrics, (version, ray.put(b"w%d" % version))
 
     def checkpoint(self, env_steps: int) -> str:
