@@ -9,6 +9,7 @@ import ray
 
 from common.config import from_dict
 from common.protocols import SegmentSink
+from common.weights import CheckpointLoader
 
 
 # No Ray-level restarts: the driver's supervisor replaces a dead collector itself, so that the
@@ -65,7 +66,7 @@ class EvaluatorActor:
     (``env_index`` picks its CARLA server the way a collector id does), so evaluations never
     take a collector's simulator or steps."""
 
-    def __init__(self, config: dict[str, Any], env_index: int) -> None:
+    def __init__(self, config: dict[str, Any], env_index: int, load_checkpoint: CheckpointLoader) -> None:
         import torch
 
         from actors.envs import make_env
@@ -73,10 +74,14 @@ class EvaluatorActor:
 
         torch.set_num_threads(1)  # one small forward pass per step, like a collector
         cfg = from_dict(config)
-        self.evaluator = Evaluator(cfg, lambda: make_env(cfg.env, cfg.carla, index=env_index))
+        self.evaluator = Evaluator(
+            cfg, lambda: make_env(cfg.env, cfg.carla, index=env_index), load_checkpoint=load_checkpoint
+        )
 
-    def evaluate(self, weights: bytes) -> dict[str, float]:
-        return self.evaluator.evaluate(weights)
+    def evaluate_checkpoint(self, uri: str) -> tuple[dict[str, float], dict[str, int]]:
+        """Evaluate the checkpoint at ``uri``, read from run storage here (``load_checkpoint``,
+        given by deploy/, verifies it), so its bytes never go through the driver."""
+        return self.evaluator.evaluate_checkpoint(uri)
 
     def close(self) -> None:
         self.evaluator.close()

@@ -57,17 +57,19 @@ def evaluate(
     from actors.envs import make_env
     from actors.evaluator import Evaluator
     from common.config import from_dict
-    from learner.checkpoint import load_checkpoint, resolve_checkpoint
+    from deploy.run.evaluation import load_actor_checkpoint
+    from learner.checkpoint import resolve_checkpoint
 
     if episodes < 1:
         raise ValueError(f"--episodes={episodes}: must be >= 1")
     path = resolve_checkpoint(checkpoint, name)
-    data = load_checkpoint(path, networks=("actor",), full=False)
+    # The same reader as the evaluator actor of a training run (verified against the manifest).
+    data = load_actor_checkpoint(path)
     cfg = from_dict(yaml.safe_load(data.config_yaml))
     torch.set_num_threads(1)
     evaluator = Evaluator(cfg, lambda: make_env(cfg.env, cfg.carla), episodes=episodes, seed=seed)
-    version = int(data.state.get("weights_version", 0))
-    evaluator.load_actor_state(data.networks["actor"], version)
+    version = data.weights_version
+    evaluator.load_actor_state(data.actor, version)
 
     def say(ep: int, ep_return: float, steps: int, info: dict[str, Any]) -> None:
         print(
@@ -90,6 +92,6 @@ def evaluate(
         "mean_episode_steps": out["eval/episode_steps"],
         **rates,
         "checkpoint": path,
-        "updates": int(data.state.get("updates", 0)),
+        "updates": data.updates,
         "weights_version": version,
     }
