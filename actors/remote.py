@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -48,7 +49,11 @@ class CollectorActor:
         )
 
     def node(self) -> dict[str, Any]:
-        return {"node_id": ray.get_runtime_context().get_node_id(), "address": ray.util.get_node_ip_address()}
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "address": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),  # for per-process measurements (`convoy bench scale`)
+        }
 
     def collect(self, num_steps: int, run_env_steps: int, weights: bytes | None) -> dict[str, float]:
         self.collector.set_run_env_steps(run_env_steps)
