@@ -274,7 +274,11 @@ def run(
         )
         runs.append(record)
     assert base is not None
-    resolved = {k: v for k, v in base.to_dict().items() if k in ("env", "carla", "collector", "replay", "learner")}
+    import yaml
+
+    # The redacted config: a shard password or credentials in shard URLs never reach the report.
+    sections = yaml.safe_load(base.to_yaml())
+    resolved = {k: v for k, v in sections.items() if k in ("env", "carla", "collector", "replay", "learner")}
     return {
         "runs": runs,
         "step_hz": step_hz,
