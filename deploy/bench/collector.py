@@ -125,6 +125,18 @@ class _Loop:
         self.collector.close()
 
 
+def _record(encoder: str, bare: list[float], collector: list[float], loop: _Loop) -> dict[str, Any]:
+    b, c = float(np.mean(bare)), float(np.mean(collector))
+    return {
+        "encoder": encoder,
+        "bare_steps_per_s": round(b, 2),
+        "collector_steps_per_s": round(c, 2),
+        "overhead_ratio": round(c / b, 4),
+        "cpu_us_per_step": loop.cpu_us_per_step(),
+        "collector_env_steps": loop.steps,
+    }
+
+
 def run(
     config: str | None, overrides: Sequence[str], encoders: Sequence[str], seconds: float, rounds: int
 ) -> dict[str, Any]:
@@ -162,19 +174,7 @@ def run(
             loop.close()
         bare_env.close()
         shard.stop()
-    runs = []
-    for enc in encoders:
-        b, c = float(np.mean(bare[enc])), float(np.mean(loop_rates[enc]))
-        runs.append(
-            {
-                "encoder": enc,
-                "bare_steps_per_s": round(b, 2),
-                "collector_steps_per_s": round(c, 2),
-                "overhead_ratio": round(c / b, 4),
-                "cpu_us_per_step": loops[enc].cpu_us_per_step(),
-                "collector_env_steps": loops[enc].steps,
-            }
-        )
+    runs = [_record(enc, bare[enc], loop_rates[enc], loops[enc]) for enc in encoders]
     first = cfgs[encoders[0]]
     return {
         "runs": runs,

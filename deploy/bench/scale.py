@@ -235,7 +235,6 @@ def run(
     out_dir: str | None,
 ) -> dict[str, Any]:
     from deploy.cli import default_config_path
-    from learner.agent import resolve_device
 
     root = Path(out_dir or tempfile.mkdtemp(prefix="convoy-bench-scale-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -274,7 +273,23 @@ def run(
         )
         runs.append(record)
     assert base is not None
+    return _report(base, runs, config_path, overrides, step_hz, seconds, warmup, root)
+
+
+def _report(
+    base: ConvoyConfig,
+    runs: list[dict[str, Any]],
+    config_path: str,
+    overrides: Sequence[str],
+    step_hz: float,
+    seconds: float,
+    warmup: float,
+    root: Path,
+) -> dict[str, Any]:
+    """The bench's JSON object: the runs, the machine, and the resolved (redacted) config."""
     import yaml
+
+    from learner.agent import resolve_device
 
     # The redacted config: a shard password or credentials in shard URLs never reach the report.
     sections = yaml.safe_load(base.to_yaml())
