@@ -39,6 +39,9 @@ COLLECTOR_ENV_STEPS_TOTAL = "collector/env_steps_total"
 COLLECTOR_EPISODES_TOTAL = "collector/episodes_total"
 COLLECTOR_WEIGHTS_VERSION = "collector/weights_version"
 COLLECTOR_LAST_ACTING_VERSION = "collector/last_acting_version"
+# Wall time (unix seconds) of the first step acted with the newest weight version: the end of
+# that version's fan-out to this collector (deploy/run/timing.py).
+COLLECTOR_ACTING_SINCE = "collector/acting_version_timestamp_seconds"
 COLLECTOR_LAST_EPISODE_RETURN = "collector/last_episode_return"
 COLLECTOR_MEAN_RETURN = "collector/mean_return"
 COLLECTOR_ROUTE_COMPLETION = "collector/route_completion"
@@ -107,6 +110,7 @@ class Collector:
         self.env_step_latency = Latency("collector/env_step_seconds")  # a simulator step (CARLA: one tick)
         self._consecutive_crashes = 0
         self.last_acting_version = 0
+        self.acting_since = 0.0
         self._episode_return = 0.0
         self._obs = self._reset()
 
@@ -195,6 +199,8 @@ class Collector:
             if self.stop.is_set():
                 break
             version = 0 if self.acting_randomly else self.weights_version
+            if version > self.last_acting_version:
+                self.acting_since = time.time()
             action = self.act(self._obs)
             try:
                 t0 = time.perf_counter()
@@ -255,6 +261,7 @@ class Collector:
             "collector/dropped_steps_total": self.dropped_steps_total,
             COLLECTOR_WEIGHTS_VERSION: self.weights_version,
             COLLECTOR_LAST_ACTING_VERSION: self.last_acting_version,
+            COLLECTOR_ACTING_SINCE: self.acting_since,
             COLLECTOR_LAST_EPISODE_RETURN: self.last_episode_return,
             COLLECTOR_MEAN_RETURN: mean(self.recent_returns),
             COLLECTOR_ROUTE_COMPLETION: mean(self.recent_completion),

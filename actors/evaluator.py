@@ -3,7 +3,9 @@
 Plain Python; ``actors.remote.EvaluatorActor`` is the thin Ray wrapper the driver runs next to
 the collectors, in its own process with its own simulator, so evaluating never takes a
 collector's simulator or steps. It receives weights in the same message format as the
-collectors (common/weights.py: msgpack + safetensors, never pickle).
+collectors (common/weights.py: msgpack + safetensors, never pickle), or loads the checkpoint
+it is told to evaluate from run storage itself (``evaluate_checkpoint``, with the checkpoint
+reader it was given), so checkpoint bytes never pass through the driver.
 
 Every evaluation plays the same episodes: episode ``k`` resets with seed ``run.eval_seed + k``,
 so two evaluations differ only by the weights, and "best" compares like with like.
@@ -30,7 +32,7 @@ from actors.video import EpisodeRecorder, publish_run_video
 from common.config import ConvoyConfig
 from common.networks import Actor
 from common.schema import check_observation
-from common.weights import load_into, message_from_bytes
+from common.weights import CheckpointLoader, load_into, message_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +64,13 @@ class Evaluator:
         episodes: int | None = None,
         seed: int | None = None,
         publish_videos: bool = False,
+        load_checkpoint: CheckpointLoader | None = None,
     ) -> None:
         """``publish_videos``: write the run's evaluation videos (needs an env made with
         ``render_mode="rgb_array"`` for the simulator's view; without it only the policy's
         frames are shown)."""
         self.cfg = cfg
+        self.load_checkpoint = load_checkpoint
         self.episodes = cfg.run.eval_episodes if episodes is None else episodes
         if self.episodes < 1:
             raise ValueError(f"run.eval_episodes={self.episodes}: must be >= 1")
@@ -91,6 +95,18 @@ class Evaluator:
         """Load an actor state dict (a checkpoint's ``actor`` network) as weights ``version``."""
         self.policy.load_state_dict(state)
         self.weights_version = version
+
+    def evaluate_checkpoint(self, uri: str) -> tuple[dict[str, float], dict[str, int]]:
+        """Load the checkpoint at ``uri`` (verified by the reader) and evaluate its actor:
+        (the ``eval/...`` metrics, the checkpoint's ``updates`` and ``env_steps``)."""
+        if self.load_checkpoint is None:
+            raise RuntimeError("evaluator: built without a checkpoint reader; pass load_checkpoint")
+        checkpoint = self.load_checkpoint(uri)
+        self.load_actor_state(checkpoint.actor, checkpoint.weights_version)
+        return self.evaluate(env_steps=checkpoint.env_steps), {
+            "updates": checkpoint.updates,
+            "env_steps": checkpoint.env_steps,
+        }
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():

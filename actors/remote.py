@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Protocol
 
@@ -9,6 +10,7 @@ import ray
 
 from common.config import from_dict
 from common.protocols import SegmentSink
+from common.weights import CheckpointLoader
 
 
 class SinkFactory(Protocol):
@@ -61,7 +63,11 @@ class CollectorActor:
         )
 
     def node(self) -> dict[str, Any]:
-        return {"node_id": ray.get_runtime_context().get_node_id(), "address": ray.util.get_node_ip_address()}
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "address": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),  # for per-process measurements (`convoy bench scale`)
+        }
 
     def collect(self, num_steps: int, run_env_steps: int, weights: bytes | None) -> dict[str, float]:
         self.collector.set_run_env_steps(run_env_steps)
@@ -85,7 +91,7 @@ class EvaluatorActor:
     (``env_index`` picks its CARLA server the way a collector id does), so evaluations never
     take a collector's simulator or steps."""
 
-    def __init__(self, config: dict[str, Any], env_index: int) -> None:
+    def __init__(self, config: dict[str, Any], env_index: int, load_checkpoint: CheckpointLoader) -> None:
         import torch
 
         from actors.envs import make_env
@@ -98,12 +104,14 @@ class EvaluatorActor:
             cfg,
             lambda: make_env(cfg.env, cfg.carla, index=env_index, render_mode="rgb_array" if videos else None),
             publish_videos=videos,
+            load_checkpoint=load_checkpoint,
         )
 
-    def evaluate(self, weights: bytes, env_steps: int | None = None) -> dict[str, float]:
-        """Scores of ``weights``; its video, if due, is written by this process to run storage
-        (at step ``env_steps``), so only the small metric dict goes back to the driver."""
-        return self.evaluator.evaluate(weights, env_steps=env_steps)
+    def evaluate_checkpoint(self, uri: str) -> tuple[dict[str, float], dict[str, int]]:
+        """Evaluate the checkpoint at ``uri``, read from run storage here (``load_checkpoint``,
+        given by deploy/, verifies it), so its bytes never go through the driver; its video, if
+        due, is written by this process to run storage, so only the metric dict goes back."""
+        return self.evaluator.evaluate_checkpoint(uri)
 
     def close(self) -> None:
         self.evaluator.close()

@@ -147,6 +147,13 @@ class EnvConfig:
     other_vehicles: int = opt(1, "Other vehicles on the embedded track.", min=0, max=10)
     off_road_m: float = opt(4.0, "Lateral distance from the lane centre that counts as leaving the road.", min=0.5)
     collision_penalty: float = opt(5.0, "Reward subtracted on collision or leaving the road.", min=0.0)
+    step_hz: float = opt(
+        0.0,
+        "Pace the embedded simulator and the CARLA stand-in: each env step takes at least 1/step_hz wall seconds, "
+        "the rest slept (no CPU), as with a server-bound simulator (CARLA runs at about 15). 0 = off. A test and "
+        "benchmark aid (`convoy bench scale`); never needed for training.",
+        min=0.0,
+    )
 
 
 @dataclass(frozen=True)

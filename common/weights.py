@@ -7,6 +7,9 @@ to parse; it can never run code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import msgpack
 import torch
 from safetensors.torch import load as st_load
@@ -67,3 +70,22 @@ def load_into(module: torch.nn.Module, payload: bytes) -> None:
                 f"weights do not fit the network: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
             )
     module.load_state_dict(state)
+
+
+@dataclass(frozen=True)
+class ActorCheckpoint:
+    """The actor network of one checkpoint in run storage, read and verified against its
+    manifest, with the counters an evaluation is recorded under."""
+
+    uri: str
+    actor: dict[str, torch.Tensor] = field(repr=False)
+    weights_version: int
+    updates: int
+    env_steps: int
+    config_yaml: str = field(default="", repr=False)
+
+
+# Reads the checkpoint at a URI (a local path or an fsspec URI): the learner package's
+# checkpoint reader, handed to whoever runs an evaluation (`convoy evaluate`, the evaluator
+# actor), so that both load a checkpoint the same way and neither needs the driver's help.
+CheckpointLoader = Callable[[str], ActorCheckpoint]

@@ -24,13 +24,20 @@ class LearnerActor:
         self.learner = Learner(cfg, source_factory(), run_dir)
         self._sent_version = 0
 
-    def train(self, num_updates: int, env_steps: int) -> tuple[dict[str, float], tuple[int, bytes] | None]:
-        """Updates, then (version, message) of the newest weights if newer than the last returned."""
+    def train(self, num_updates: int, env_steps: int) -> tuple[dict[str, float], tuple[int, ray.ObjectRef] | None]:
+        """Updates, then (version, reference) of the newest weights if newer than the last returned.
+
+        The message goes into Ray's object store once, here; the driver gets only the reference
+        (nested in the result, so its ``ray.get`` never fetches the bytes) and forwards it, and
+        the collectors of one node share the one copy their node's store pulls.
+        """
         metrics = self.learner.train(num_updates, env_steps)  # exported by the driver, with every result
         published = self.learner.weights(newer_than=self._sent_version)
-        if published is not None:
-            self._sent_version = published[0]
-        return metrics, published
+        if published is None:
+            return metrics, None
+        version, message = published
+        self._sent_version = version
+        return metrics, (version, ray.put(message))
 
     def node(self) -> dict[str, Any]:
         return {

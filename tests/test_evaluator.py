@@ -19,10 +19,11 @@ from actors.envs.embedded import EmbeddedDrivingEnv
 from actors.evaluator import Evaluator
 from common.config import ConvoyConfig, load_config
 from common.networks import Actor
-from common.weights import WeightsError, message_from_bytes, message_to_bytes, pack_weights
-from deploy.run.evaluation import EvalScheduler, read_history
+from common.weights import WeightsError, message_to_bytes, pack_weights
+from deploy.run.evaluation import EvalScheduler, load_actor_checkpoint, read_history
 from learner.checkpoint import (
     CheckpointData,
+    CheckpointError,
     best_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -86,6 +87,29 @@ def test_evaluator_plays_fixed_seeds_deterministically() -> None:
         evaluator.close()
 
 
+def test_evaluator_loads_and_verifies_the_checkpoint_it_is_told_to(tmp_path: Path) -> None:
+    from tests.fakes import FakeDrivingEnv
+
+    cfg = _cfg()
+    torch.manual_seed(3)
+    data = CheckpointData(
+        networks={"actor": Actor("none", 16).state_dict()},
+        state={"env_steps": 123, "weights_version": 4},
+        config_yaml=cfg.to_yaml(),
+    )
+    uri = save_checkpoint(str(tmp_path / "checkpoints"), 40, data)
+    evaluator = Evaluator(cfg, lambda: FakeDrivingEnv(), load_checkpoint=load_actor_checkpoint)
+    try:
+        metrics, counters = evaluator.evaluate_checkpoint(uri)
+        assert counters == {"updates": 40, "env_steps": 123}
+        assert metrics["eval/weights_version"] == 4.0 and metrics["eval/episodes"] == 2.0
+        (Path(uri) / "actor.safetensors").write_bytes(b"tampered")
+        with pytest.raises(CheckpointError, match=r"actor\.safetensors"):
+            evaluator.evaluate_checkpoint(uri)
+    finally:
+        evaluator.close()
+
+
 # ----- the scheduler with real Ray actors -----------------------------------------------------
 
 
@@ -130,22 +154,27 @@ def _remote_classes() -> tuple[Any, Any]:
 
     @ray.remote(num_cpus=0)
     class ScriptedEvaluator:
-        """Returns scripted scores; checks it got a real weight message."""
+        """Returns scripted scores; loads the checkpoint it is told to, as the real one does."""
 
         def __init__(self, scores: list[tuple[float, float]]) -> None:
             self.scores = list(scores)
 
-        def evaluate(self, message: bytes, env_steps: int | None = None) -> dict[str, float]:
-            version = message_from_bytes(message).version
+        def evaluate_checkpoint(self, uri: str) -> tuple[dict[str, float], dict[str, int]]:
+            checkpoint = load_actor_checkpoint(uri)
+            Actor("none", 16).load_state_dict(checkpoint.actor)
             rc, ret = self.scores.pop(0)
-            return {
+            metrics = {
                 "eval/route_completion": rc,
                 "eval/return": ret,
                 "eval/success_rate": float(rc >= 1.0),
                 "eval/collision_rate": 0.0,
                 "eval/off_road_rate": 0.0,
-                "eval/weights_version": float(version),
+                "eval/weights_version": float(checkpoint.weights_version),
             }
+            return metrics, {"updates": checkpoint.updates, "env_steps": checkpoint.env_steps}
+
+        def ready(self) -> None:
+            """Returns once every earlier call ran (an actor runs its calls in order)."""
 
     return FakeLearner, ScriptedEvaluator
 
@@ -219,8 +248,10 @@ def test_finish_evaluates_the_final_checkpoint(ray_local: None, tmp_path: Path) 
     assert sched.maybe_submit(10, 100, learner)  # left in flight: finish waits for it
     import ray
 
-    while sched.stage == "checkpoint":  # its weights are read before the final checkpoint prunes it
+    while sched.stage == "checkpoint":
         assert sched.poll() is None
+    # The evaluator reads its checkpoint before the final one prunes it (keep=1).
+    ray.get(sched._evaluator.ready.remote())
     final = ray.get(learner.checkpoint.remote(150))
     record = sched.finish(final, 20, 150)
     assert record is not None and record["checkpoint"] == final and record["eval/route_completion"] == 0.6
@@ -229,8 +260,9 @@ def test_finish_evaluates_the_final_checkpoint(ray_local: None, tmp_path: Path) 
     sched.close()
 
 
-def test_real_evaluator_actor_on_a_checkpoint(ray_local: None, tmp_path: Path) -> None:
+def test_real_evaluator_actor_on_a_checkpoint(ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default evaluator actor (its own process and embedded simulator) scores a checkpoint."""
+    import deploy.run.evaluation as evaluation
     from deploy.run.evaluation import default_evaluator
 
     run = str(tmp_path / "run")
@@ -238,8 +270,15 @@ def test_real_evaluator_actor_on_a_checkpoint(ray_local: None, tmp_path: Path) -
     fake_learner, _ = _remote_classes()
     learner = fake_learner.remote(run, cfg.to_yaml())
     sched = EvalScheduler(cfg, run, make_evaluator=lambda: default_evaluator(cfg))
+
+    def driver_must_not_read(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the driver read a checkpoint: the evaluator loads its own")
+
+    # Only the driver's process is patched; the evaluator actor imports the real reader.
+    monkeypatch.setattr(evaluation, "load_checkpoint", driver_must_not_read)
     record = _run_eval(sched, 10, 100, learner)
     assert record["eval/episodes"] == 2.0 and np.isfinite(record["eval/return"])
+    assert record["eval/weights_version"] == 1.0 and record["updates"] == 10 and record["env_steps"] == 100
     assert record["best"] is True
     # The actor wrote the first episode's video itself, at the checkpoint's env steps.
     assert [p.name for p in (Path(run) / "videos").iterdir()] == ["eval-0000000100.mp4"]

@@ -84,12 +84,14 @@ class FakeLearner:
     def node(self) -> dict[str, Any]:
         return {"address": "127.0.0.1", "device": "cpu"}
 
-    def train(self, n: int, env_steps: int) -> tuple[dict[str, float], tuple[int, bytes]]:
+    def train(self, n: int, env_steps: int) -> tuple[dict[str, float], tuple[int, Any]]:
         if self.updates == self.die_after:
             os._exit(1)
         self.updates += n
         version = self.base + self.updates
-        return {"learner/updates_total": self.updates, "learner/weights_version": version}, (version, b"w%d" % version)
+        # As LearnerActor: the weights go into the object store here, the driver gets the reference.
+        metrics: dict[str, float] = {"learner/updates_total": self.updates, "learner/weights_version": version}
+        return metrics, (version, ray.put(b"w%d" % version))
 
     def start_fresh(self, min_version: int) -> dict[str, Any]:
         self.base = max(self.base, min_version)
@@ -260,3 +262,30 @@ def test_an_unexpected_error_writes_exit_reason_error_with_its_cause(local_ray: 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["exit_reason"] == "error: _Boom: the exporter's disk is full", summary
     assert "done (error)" in out.getvalue()
+
+
+def test_the_driver_forwards_weight_references_and_never_holds_weight_bytes(local_ray: None) -> None:
+    sup, made, _out = _supervisor("fine", total=600)
+    published: list[Any] = []
+    publish = sup.weights.publish
+
+    def spy(version: int, ref: Any) -> None:
+        published.append(ref)
+        publish(version, ref)
+
+    sup.weights.publish = spy  # type: ignore[method-assign]
+    assert sup.run() == "budget"
+    sup.finish()
+    assert published and all(isinstance(ref, ray.ObjectRef) for ref in published)
+    # What the driver's ray.get of a train result holds: the reference, not the bytes.
+    _metrics, (version, ref) = ray.get(sup.learner.train.remote(1, 0))
+    assert isinstance(ref, ray.ObjectRef) and ray.get(ref) == b"w%d" % version
+    # The collectors got the bytes: Ray resolves a reference passed as a call argument.
+    received = [w for w in ray.get(made[(0, 0)].received.remote()) if w is not None]
+    assert received and all(isinstance(w, bytes) and w.startswith(b"w") for w in received)
+
+
+def test_a_learner_that_sends_weight_bytes_is_refused(local_ray: None) -> None:
+    sup, _made, _out = _supervisor("fine")
+    with pytest.raises(TypeError, match="not an object reference"):
+        sup._on_trained(0, ({"learner/updates_total": 1}, (1, b"weights")))

@@ -52,3 +52,13 @@ def test_a_restored_learner_publishing_its_version_again_is_not_resent() -> None
     ch.publish(9, "ref9-again")  # the same version: slot 0 already holds these weights
     assert not ch.needs(0)
     assert ch.latest() == (9, "ref9-again")
+
+
+def test_weights_of_a_dead_owner_are_not_sent_but_their_version_stays() -> None:
+    ch = WeightsChannel()
+    ch.publish(4, "ref4")
+    assert ch.take(0) == "ref4"
+    ch.owner_died()
+    assert ch.version == 4 and not ch.needs(1) and ch.take(1) is None
+    ch.publish(4, "ref4-again")  # a restored learner republishes the version collectors hold
+    assert ch.take(0) is None and ch.take(1) == "ref4-again"

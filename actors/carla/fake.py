@@ -9,6 +9,9 @@ CARLA (``carla.stand_in=true``). Names and signatures follow CARLA 0.9.16's Pyth
 coordinates are CARLA's (left-handed, yaw in degrees). Nothing here is used with a real
 server.
 
+Pacing: ``FakeCarla(pace=...)`` runs every tick inside ``pace()`` (actors.envs.pacing.Pacer's
+``step`` with ``env.step_hz``), so a tick lasts as long as a real server's.
+
 Crash injection: ``FakeCarla.crash_after(ticks, mode)`` makes the current server die
 ("die": later calls time out as with a dead server) or stop answering ("hang") after
 ``ticks`` more ticks.
@@ -20,6 +23,7 @@ commands, the client, the module-like :class:`FakeCarla` and its :class:`FakeSer
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +39,7 @@ from actors.carla.fake_types import (
     VehicleControl,
     WorldSettings,
 )
-from actors.carla.fake_world import FakeServer, TrafficManager, Vehicle, World, timeout_error
+from actors.carla.fake_world import FakeServer, Pace, TrafficManager, Vehicle, World, timeout_error
 from actors.carla.server_api import ServerEndpoint
 
 # ----- commands, client -------------------------------------------------------------------
@@ -160,15 +164,16 @@ class FakeCarla:
     WorldSettings = WorldSettings
     command = _Commands
 
-    def __init__(self) -> None:
+    def __init__(self, pace: Pace = contextlib.nullcontext) -> None:
         self.servers: dict[int, FakeServer] = {}
         self.loads_total = 0
+        self.pace = pace  # every server's tick runs inside it (env.step_hz pacing)
 
     def Client(self, host: str = "127.0.0.1", port: int = 2000, worker_threads: int = 0) -> Client:
         return Client(self, host, port, worker_threads)
 
     def launch(self, port: int) -> FakeServer:
-        self.servers[port] = FakeServer(port)
+        self.servers[port] = FakeServer(port, pace=self.pace)
         return self.servers[port]
 
     def crash_after(self, ticks: int, mode: str = "die", port: int | None = None) -> None:

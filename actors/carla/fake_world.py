@@ -8,6 +8,7 @@ times out with the real client's wording.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable
@@ -35,6 +36,10 @@ from actors.carla.fake_types import (
     Waypoint,
     WorldSettings,
 )
+
+# What a server's tick runs inside: a context that lasts at least one step period when the
+# stand-in is paced (actors.envs.pacing.Pacer.step), else nothing.
+Pace = Callable[[], contextlib.AbstractContextManager[object]]
 
 
 def timeout_error(port: int, seconds: float) -> RuntimeError:
@@ -254,14 +259,16 @@ class World:
         return True
 
     def tick(self, seconds: float = 10.0) -> int:
-        self.server.on_tick(seconds)
-        self.frame += 1
-        dt = self._settings.fixed_delta_seconds or 0.05
-        for v in self.vehicles():
-            v._advance(dt)
-        for a in list(self._actors.values()):
-            if isinstance(a, Sensor):
-                a._emit(self.frame)
+        # A paced server (env.step_hz) takes at least its period per tick, as CARLA's does.
+        with self.server.pace():
+            self.server.on_tick(seconds)
+            self.frame += 1
+            dt = self._settings.fixed_delta_seconds or 0.05
+            for v in self.vehicles():
+                v._advance(dt)
+            for a in list(self._actors.values()):
+                if isinstance(a, Sensor):
+                    a._emit(self.frame)
         return self.frame
 
 
@@ -288,8 +295,9 @@ class TrafficManager:
 class FakeServer:
     """One "server process": a world, and whether it still answers."""
 
-    def __init__(self, port: int, town: str = "Town01") -> None:
+    def __init__(self, port: int, town: str = "Town01", pace: Pace = contextlib.nullcontext) -> None:
         self.port = port
+        self.pace = pace
         self.world = World(self, town)
         self.state = "running"  # running | dead | hung
         self.ticks = 0

@@ -25,8 +25,9 @@ def make_env(
         carla = carla or CarlaConfig()
         if carla.stand_in:
             from actors.carla.fake import FakeCarla, FakeServerHandle
+            from actors.envs.pacing import Pacer
 
-            fake = FakeCarla()
+            fake = FakeCarla(pace=Pacer(config.step_hz).step)
             server = FakeServerHandle(fake, port=carla.port + 4 * index, recycle_episodes=carla.recycle_episodes)
             return CarlaDrivingEnv(config, carla, server=server, api=fake, index=index, render_mode=render_mode)
         return CarlaDrivingEnv(config, carla, index=index, render_mode=render_mode)

@@ -21,6 +21,9 @@ on collision or leaving the road.
 ``terminated`` with ``info["termination_reason"]`` in collision / off_road / route_completed;
 ``truncated`` at ``env.max_episode_steps`` (reason time_limit), by :func:`driving.termination`.
 ``info["route_completion"]`` is progress / route length in [0, 1].
+
+With ``env.step_hz`` > 0 every step lasts at least ``1 / step_hz`` of wall time, slept out
+(actors/envs/pacing.py), like a server-bound simulator: a test and benchmark aid.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from actors.envs.driving import (
     total_reward,
     wrap_angle,
 )
+from actors.envs.pacing import Pacer
 from common.config import EnvConfig
 from common.schema import FRAME_SHAPE, IMAGE_SHAPE, NUM_WAYPOINTS, Observation, check_action
 
@@ -111,6 +115,7 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
         self._progress = 0.0
         self._weights = RewardWeights(collision_penalty=self.config.collision_penalty)
         self._previous_action = np.zeros(2, np.float32)
+        self.pacer = Pacer(self.config.step_hz)
 
     # ----- observation -------------------------------------------------------------------
 
@@ -172,6 +177,10 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
         return self._observation(), {"route_completion": 0.0, "termination_reason": None}
 
     def step(self, action: np.ndarray) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
+        with self.pacer.step():
+            return self._step(action)
+
+    def _step(self, action: np.ndarray) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
         a = check_action(action)
         # highway-env orders continuous actions [acceleration, steering]; the contract is
         # [steering, throttle/brake].

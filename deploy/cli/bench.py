@@ -1,4 +1,4 @@
-"""``convoy bench replay|learner|learning|peers [--json] ...``: the benchmarks of deploy/bench.
+"""``convoy bench replay|learner|learning|peers|collector|scale [--json] ...``: the benchmarks of deploy/bench.
 
 Each benchmark parses its own options, so only the one asked for is imported (they pull in
 torch, Redis and the simulators).
@@ -16,11 +16,15 @@ BENCHMARKS = {
     "learner": "deploy.bench.learner",
     "learning": "deploy.bench.learning",
     "peers": "deploy.bench.peers",
+    "collector": "deploy.bench.collector",
+    "scale": "deploy.bench.scale",
 }
 
 
 def register(sub: Subparsers) -> None:
-    b = sub.add_parser("bench", help="benchmarks: `convoy bench replay|learner|learning|peers [--json] ...`")
+    b = sub.add_parser(
+        "bench", help="benchmarks: `convoy bench replay|learner|learning|peers|collector|scale [--json] ...`"
+    )
     b.add_argument("target", choices=tuple(BENCHMARKS))
     b.add_argument(
         "bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see --help after the target)"

@@ -66,7 +66,8 @@ def evaluate(
     from actors.evaluator import Evaluator
     from actors.video import FRAME_HEIGHT, FRAME_WIDTH, EpisodeRecorder
     from common.config import from_dict
-    from learner.checkpoint import load_checkpoint, newest_verified
+    from deploy.run.evaluation import load_actor_checkpoint
+    from learner.checkpoint import newest_verified
 
     if episodes < 1:
         raise ValueError(f"--episodes={episodes}: must be >= 1")
@@ -76,15 +77,16 @@ def evaluate(
     path, skipped = newest_verified(checkpoint, name)
     for reason in skipped:
         print(f"evaluate: {reason}", file=out_log, flush=True)
-    data = load_checkpoint(path, networks=("actor",), full=False)
+    # The same reader as the evaluator actor of a training run (verified against the manifest).
+    data = load_actor_checkpoint(path)
     cfg = from_dict(yaml.safe_load(data.config_yaml))
     torch.set_num_threads(1)
     render_mode = "rgb_array" if video else None
     evaluator = Evaluator(
         cfg, lambda: make_env(cfg.env, cfg.carla, render_mode=render_mode), episodes=episodes, seed=seed
     )
-    version = int(data.state.get("weights_version", 0))
-    evaluator.load_actor_state(data.networks["actor"], version)
+    version = data.weights_version
+    evaluator.load_actor_state(data.actor, version)
 
     def say(ep: int, ep_return: float, steps: int, info: dict[str, Any]) -> None:
         print(
@@ -113,7 +115,7 @@ def evaluate(
         "mean_episode_steps": out["eval/episode_steps"],
         **rates,
         "checkpoint": path,
-        "updates": int(data.state.get("updates", 0)),
+        "updates": data.updates,
         "weights_version": version,
         **({"video": str(video)} if video else {}),
     }

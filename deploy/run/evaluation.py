@@ -2,10 +2,13 @@
 
 Design: what is evaluated is always a checkpoint. Every ``run.eval_every_updates`` learner
 updates the scheduler asks the learner for a checkpoint (``LearnerActor.checkpoint``; the
-snapshot is taken between two updates, the file written off the update path), reads that
-checkpoint's actor back from run storage, and hands it, as the same weight message the
-collectors get, to an ``EvaluatorActor`` (actors/evaluator.py: its own process and
-simulator, deterministic policy, the same seeds every time). When the result comes back it
+snapshot is taken between two updates, the file written off the update path) and hands
+its URI to an ``EvaluatorActor`` (actors/evaluator.py: its own process and simulator,
+deterministic policy, the same seeds every time), which reads the checkpoint's actor from
+run storage itself with :func:`load_actor_checkpoint` (verified against the manifest; the
+same reader as ``convoy evaluate``): no checkpoint bytes pass through the driver's loop. A
+checkpoint pruned before the evaluator reads it (``run.keep_checkpoints`` newer ones written
+meanwhile) is a counted, logged failed evaluation. When the result comes back it
 is appended to ``<run>/eval.jsonl`` and, if it beats the best so far (route completion, then
 return), the checkpoint is marked ``best`` (learner/checkpoint.py ``mark_best``; pruning keeps
 it). So ``best`` names exactly the weights that scored, survives a resume (the best score is
@@ -28,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConvoyConfig
-from common.schema import WeightsMessage
 from common.storage import basename, open_store
-from common.weights import encode_state_dict, message_to_bytes
+from common.weights import ActorCheckpoint
 from deploy.run.signals import wait_all
 from learner.checkpoint import CheckpointError, best_checkpoint, load_checkpoint, mark_best
 
@@ -46,12 +48,19 @@ def score(metrics: dict[str, Any]) -> tuple[float, float]:
     return (rc if math.isfinite(rc) else -math.inf, ret if math.isfinite(ret) else -math.inf)
 
 
-def checkpoint_weights(checkpoint_uri: str) -> tuple[bytes, dict[str, Any]]:
-    """(weight message of the checkpoint's actor, its state.json counters)."""
+def load_actor_checkpoint(checkpoint_uri: str) -> ActorCheckpoint:
+    """The actor network and counters of the checkpoint at ``checkpoint_uri``, every file read
+    checked against its manifest: the one checkpoint reader of evaluations (the evaluator
+    actor gets it as its ``load_checkpoint``; ``convoy evaluate`` calls it)."""
     data = load_checkpoint(checkpoint_uri, networks=("actor",), full=False)
-    version = int(data.state.get("weights_version", 0))
-    message = message_to_bytes(WeightsMessage(version=version, payload=encode_state_dict(data.networks["actor"])))
-    return message, data.state
+    return ActorCheckpoint(
+        uri=str(checkpoint_uri),
+        actor=data.networks["actor"],
+        weights_version=int(data.state.get("weights_version", 0)),
+        updates=int(data.state.get("updates", 0)),
+        env_steps=int(data.state.get("env_steps", 0)),
+        config_yaml=data.config_yaml,
+    )
 
 
 def read_history(run_uri: str | Path) -> list[dict[str, Any]]:
@@ -152,7 +161,8 @@ class EvalScheduler:
             try:
                 result = ray.get(ref)
             except Exception as exc:
-                self._evaluator = None  # a dead evaluator is rebuilt for the next evaluation
+                if not isinstance(exc, ray.exceptions.RayTaskError):
+                    self._evaluator = None  # a dead evaluator is rebuilt for the next evaluation
                 self._failed("evaluation", exc)
                 return None
             return self._record(result)
@@ -236,18 +246,14 @@ class EvalScheduler:
     # ----- internals --------------------------------------------------------------------------
 
     def _submit_eval(self, checkpoint_uri: str) -> None:
-        message, state = checkpoint_weights(checkpoint_uri)
-        self._pending.update(
-            checkpoint=checkpoint_uri,
-            updates=int(state.get("updates", self._pending.get("updates", 0))),
-            env_steps=int(state.get("env_steps", self._pending.get("env_steps", 0))),
-        )
+        self._pending["checkpoint"] = checkpoint_uri
         if self._evaluator is None:
             self._evaluator = self._make_evaluator()
-        self._eval_ref = self._evaluator.evaluate.remote(message, int(self._pending["env_steps"]))
+        self._eval_ref = self._evaluator.evaluate_checkpoint.remote(checkpoint_uri)
 
-    def _record(self, result: dict[str, float]) -> dict[str, Any]:
-        record: dict[str, Any] = {**self._pending, **result, "time": time.time()}
+    def _record(self, result: tuple[dict[str, float], dict[str, int]]) -> dict[str, Any]:
+        metrics, counters = result  # counters: the checkpoint's own updates and env steps
+        record: dict[str, Any] = {**self._pending, **counters, **metrics, "time": time.time()}
         uri = str(record["checkpoint"])
         self._evaluated.add(uri)
         if score(record) > self.best_score:
@@ -281,5 +287,5 @@ def default_evaluator(cfg: ConvoyConfig) -> Any:
 
     resources = evaluator_resources(cfg) or None
     return EvaluatorActor.options(num_cpus=0, resources=resources).remote(  # type: ignore[attr-defined]
-        cfg.to_dict(), cfg.collector.num_collectors
+        cfg.to_dict(), cfg.collector.num_collectors, load_actor_checkpoint
     )

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from deploy.run.timing import FanoutClock, RecentDurations
+
 
 @dataclass
 class Counts:
@@ -40,6 +42,9 @@ class Progress:
     samples_per_insert_target: float = 0.0
     warmup_transitions: int = 0  # inserted before the learner may sample: not part of the ratio
     eval_text: str = ""  # the newest evaluation, from deploy.run.evaluation.EvalScheduler.short()
+    # The driver's own timings, fed by the supervisor (deploy/run/timing.py).
+    loop_times: RecentDurations = field(default_factory=RecentDurations)
+    fanout: FanoutClock = field(default_factory=FanoutClock)
     _last_t: float = field(default_factory=time.monotonic)
     _last_steps: int = 0
     _last_updates: int = 0
@@ -92,6 +97,8 @@ class Progress:
         new_steps = self.env_steps - self.base_env_steps
         written = self._sum("replay_writer/transitions_total")
         sampled = self.learner.get("replay_sampler/sampled_transitions_total", 0.0)
+        loop_p50, loop_p99 = self.loop_times.p50_p99()
+        fanout_p50, fanout_max = self.fanout.p50_max()
         return {
             "run/env_steps_total": self.env_steps,
             "run/updates_total": self.updates,
@@ -120,6 +127,13 @@ class Progress:
             "run/collector_restarts_total": self.counts.collector_restarts,
             "run/learner_restarts_total": self.counts.learner_restarts,
             "run/shard_restarts_total": self.counts.shard_restarts,
+            # Over the last minute: the supervisor loop's work per iteration, and weight fan-out
+            # (publish to every live collector acting with the version).
+            "run/driver_loop_p50_seconds": loop_p50,
+            "run/driver_loop_p99_seconds": loop_p99,
+            "run/weights_fanout_p50_seconds": fanout_p50,
+            "run/weights_fanout_max_seconds": fanout_max,
+            "run/weights_fanouts_total": float(len(self.fanout.records)),
         }
 
     def line(self) -> str:

@@ -71,6 +71,7 @@ class Slot:
     incarnation: int = 0
     live: bool = False
     node: str = ""
+    pid: int = 0  # the actor's process id on its node (reported at placement)
     busy_steps: int = 0  # env steps of the call in flight (0: none)
     retiring: bool = False
     started_at: float = field(default_factory=time.monotonic)
@@ -176,6 +177,7 @@ class Supervisor:
         slot = Slot(index=index, incarnation=incarnation, actor=self.factories.collector(index, incarnation))
         self.slots[index] = slot
         self.weights.forget(index)  # a new actor holds no weights: its first call carries the newest
+        self.progress.fanout.forget(index)
         # Resolves when Ray has placed the actor and its constructor (simulator start) ran.
         self.pending[slot.actor.node.remote()] = ("placed", index, slot.actor)
 
@@ -269,6 +271,7 @@ class Supervisor:
             )
         with contextlib.suppress(Exception):
             ray.kill(self.learner, no_restart=True)
+        self.weights.owner_died()
         self.learner_live = False
         self.learner_generation += 1
         self.restarts.learner_failed()
@@ -343,6 +346,7 @@ class Supervisor:
         slot = self.slots[index]
         slot.live = True
         slot.node = str(result.get("address", ""))
+        slot.pid = int(result.get("pid", 0))
         self.say(f"placement: collector {index} -> node {slot.node} (incarnation {slot.incarnation})")
         self.submit_collect(slot)
 
@@ -354,6 +358,7 @@ class Supervisor:
         self.progress.collector[index] = result
         if result.get("collector/episodes_total", 0) > before:
             self.progress.counts.failures_in_a_row = 0
+        self._time_fanout(index, result)
         took = self.restarts.collector_acted(index)
         if took is not None:
             self.say(f"collector {index} replacement acting {took:.1f}s after the failure")
@@ -372,8 +377,11 @@ class Supervisor:
         metrics, published = result
         self.progress.learner = metrics
         if published is not None:
-            version, weights = published
-            self.weights.publish(version, ray.put(weights))
+            version, ref = published
+            if not isinstance(ref, ray.ObjectRef):  # the driver forwards references, never weight bytes
+                raise TypeError(f"the learner returned weights as {type(ref).__name__}, not an object reference")
+            self.weights.publish(version, ref)
+            self.progress.fanout.published(version, self._live_indices())
         took = self.restarts.learner_trained(metrics)
         if took is not None:
             self.say(f"learner updating again {took:.1f}s after the failure")
@@ -382,6 +390,16 @@ class Supervisor:
     def _on_shard_metrics(self, index: int, result: dict[str, float]) -> None:
         if self.progress.shard_reported(index, result):
             self.say(f"replay shard {index}: redis-server restarted on the same address")
+
+    def _live_indices(self) -> list[int]:
+        return [s.index for s in self.slots.values() if s.live and not s.retiring]
+
+    def _time_fanout(self, index: int, result: dict[str, float]) -> None:
+        """Feed the fan-out clock (read-only: deploy/run/timing.py) with what a collector acts with."""
+        fanout = self.progress.fanout
+        version = int(result.get("collector/last_acting_version", 0))
+        fanout.acted(index, version, float(result.get("collector/acting_version_timestamp_seconds", 0.0)))
+        fanout.settle(self._live_indices())
 
     def _final_collect(self, index: int, result: dict[str, float]) -> None:
         self.progress.collector[index] = result
@@ -441,6 +459,7 @@ class Supervisor:
                 self.say(f"time budget reached (run.max_seconds={max_seconds:g}) at {steps} env steps")
                 return "time"
             done, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.2)
+            busy_from = time.perf_counter()  # the loop's own work, not its wait (run/driver_loop_*)
             for ref in done:
                 self._handle(ref)
             if self.learner_live and not self._in_flight("train"):
@@ -449,6 +468,7 @@ class Supervisor:
             now = time.monotonic()
             for task in periodic:
                 task.poll(now)
+            self.progress.loop_times.observe(time.perf_counter() - busy_from)
         return "budget"
 
     def finish(self, timeout: float = 10.0, hurry: threading.Event | None = None) -> None:

@@ -1,10 +1,10 @@
 """The run's weights channel: the newest published weights and what each collector was sent.
 
-The learner publishes a version with each ``train`` result that has new weights; the driver
-puts them in Ray's object store once and every collector gets the reference with its next
-``collect`` call, once per version (the idea of Sample Factory's ParameterServer and
-ParameterClient). A collector slot that was never sent anything (a new or a replacement actor)
-needs the newest weights with its first call.
+The learner puts each version it publishes into Ray's object store itself and returns only
+the reference with its ``train`` result; the driver never holds weight bytes, and every
+collector gets the reference with its next ``collect`` call, once per version (the idea of
+Sample Factory's ParameterServer and ParameterClient). A collector slot that was never sent
+anything (a new or a replacement actor) needs the newest weights with its first call.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ class WeightsChannel:
     def publish(self, version: int, ref: Any) -> None:
         """The learner's newest weights (``ref``: an object-store reference to them)."""
         self._version, self._ref = version, ref
+
+    def owner_died(self) -> None:
+        """The learner that put the newest weights is gone, and with it their object (Ray frees
+        an object with its owner): send nothing until the next learner publishes. The version
+        stays, so slots that hold it are not sent it again."""
+        self._ref = None
 
     def latest(self) -> tuple[int, Any]:
         """``(version, ref)`` of the newest weights; ``(0, None)`` before the first publish."""
