@@ -273,6 +273,14 @@ class LearnerConfig:
     )
     hidden_dim: int = opt(256, "Width of the MLP heads after the CNN.", min=1)
     gamma: float = opt(0.99, "Discount.", min=0.0, max=1.0)
+    n_step: int = opt(
+        3,
+        "Steps of the TD target: the discounted sum of n rewards plus gamma^n times the target Q n steps on "
+        "(DrQ-v2 uses 3); a termination inside the window ends it without bootstrapping, a time limit or the end "
+        "of a replay segment ends it with one (replay_service/window.py). 1 = one-step TD3.",
+        min=1,
+        max=64,
+    )
     tau: float = opt(0.005, "Polyak rate of every target network (TD3 paper: 0.005).", min=0.0, max=1.0)
     policy_delay: int = opt(2, "Critic updates per actor and target update (TD3 paper: 2).", min=1)
     target_noise: float = opt(0.2, "Std of target policy smoothing noise (TD3 paper: 0.2).", min=0.0)

@@ -166,6 +166,8 @@ class TD3Agent:
         next_q1, next_q2 = self._critic_target_fwd(
             batch.next_image, batch.next_vector, td3.smoothed_target_action(next_action, noise)
         )
+        if batch.discount is not None:  # an n-step batch (learner.n_step > 1)
+            return td3.nstep_td_target(batch.reward, batch.discount, next_q1, next_q2)
         return td3.td_target(batch.reward, batch.terminated, next_q1, next_q2, cfg.gamma)
 
     def q_values(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -57,6 +57,8 @@ def source_factory(cfg: ConvoyConfig, urls: list[str], pin_memory: bool) -> func
         min_size=cfg.min_size_to_sample(),
         samples_per_insert=cfg.replay.samples_per_insert,
         spi_tolerance=cfg.replay.spi_tolerance,
+        n_step=cfg.learner.n_step,
+        gamma=cfg.learner.gamma,
     )
 
 
