@@ -93,6 +93,12 @@ class RunConfig:
         "many learner updates; the best by route completion, then return, is kept as checkpoint 'best'. 0 = never.",
         min=0,
     )
+    eval_hold: bool = opt(
+        False,
+        "Hold collection and learning while an evaluation is due or running, so evaluations land exactly every "
+        "run.eval_every_updates (convoy bench learning sets it). Off: training never waits, and a due evaluation "
+        "is skipped while one runs (counted as eval/skipped_total).",
+    )
     eval_episodes: int = opt(10, "Episodes per evaluation (seeds eval_seed, eval_seed + 1, ...).", min=1)
     eval_seed: int = opt(1_000_003, "Seed of the first evaluation episode; the same seeds every evaluation.", min=0)
 

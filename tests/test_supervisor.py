@@ -166,3 +166,27 @@ def test_scaling_down_stops_the_highest_indices(local_ray: None) -> None:
     sup.scale_to(1)
     assert sorted(i for i, s in sup.slots.items() if not s.retiring) == [0]
     assert sup.progress.collectors_wanted == 1
+
+
+def test_hold_sends_no_collect_or_train_call_until_it_ends(local_ray: None) -> None:
+    """run.eval_hold's mechanism: while ``hold()`` is True nothing new goes out; the calls
+    held back go out when it ends, and the run reaches its budget."""
+    sup, _, _ = _supervisor("ok", total=600)
+    state: dict[str, Any] = {"on": False, "t0": None, "mid": None, "end": None}
+    sup.hold = lambda: bool(state["on"])
+
+    def on_tick(p: Progress) -> None:
+        now = time.monotonic()
+        if state["t0"] is None and p.env_steps >= 100:
+            state["on"], state["t0"] = True, now
+        elif state["on"] and state["mid"] is None and now - state["t0"] > 0.6:
+            state["mid"] = (p.env_steps, p.updates)  # calls in flight at the start have ended
+        elif state["on"] and state["mid"] is not None and now - state["t0"] > 1.5:
+            state["end"] = (p.env_steps, p.updates)
+            state["on"] = False
+
+    sup.on_tick = on_tick
+    assert sup.run() == "budget"
+    sup.finish()
+    assert state["end"] is not None and state["mid"] == state["end"], state
+    assert sup.progress.env_steps >= 600
