@@ -299,7 +299,12 @@ class LearnerConfig:
     critic_grad_clip: float = opt(10.0, "Max gradient norm of the critic (CNN + heads).", min=0.0)
     publish_every: int = opt(50, "Publish actor weights (new version) every this many updates.", min=1)
     updates_per_call: int = opt(8, "Updates per train() call between progress reports.", min=1)
-    num_threads: int = opt(0, "Torch intra-op threads on CPU; 0 uses every core.", min=0)
+    num_threads: int = opt(
+        0,
+        "Torch intra-op threads on CPU; 0 = every usable core but one per sampler thread (learner/loop.py "
+        "learner_threads: OpenMP threads sharing a core with the sampler's decoding wait on it at every barrier).",
+        min=0,
+    )
     precision: str = opt(
         "auto",
         "Autocast dtype of forward passes: auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "

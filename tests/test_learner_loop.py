@@ -12,8 +12,9 @@ from common.networks import Actor
 from common.protocols import BatchSource
 from common.schema import Batch
 from common.weights import load_into, message_from_bytes
+from learner.agent import cpu_has_native_bf16, resolve_precision
 from learner.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint
-from learner.loop import Learner
+from learner.loop import Learner, learner_threads
 from tests.fakes import random_batch
 
 
@@ -161,3 +162,20 @@ def test_the_replay_sampler_and_the_test_sources_are_batch_sources(redis_url: st
         assert isinstance(sampler, BatchSource)
     finally:
         sampler.close()
+
+
+def test_cpu_threads_leave_a_core_to_each_sampler_thread() -> None:
+    assert learner_threads(0, cores=2, sampler_threads=0) == 1  # auto sampler threads: 1 on CPU
+    assert learner_threads(0, cores=16, sampler_threads=4) == 12
+    assert learner_threads(0, cores=1, sampler_threads=1) == 1
+    assert learner_threads(3, cores=2, sampler_threads=1) == 3, "an explicit learner.num_threads wins"
+
+
+def test_bf16_is_picked_by_cpu_flags() -> None:
+    avx2 = frozenset({"avx", "avx2", "fma"})
+    assert not cpu_has_native_bf16(avx2)
+    assert cpu_has_native_bf16(avx2 | {"avx512f", "avx512_bf16"})
+    assert cpu_has_native_bf16(avx2 | {"amx_bf16", "amx_tile"})
+    # auto on a CPU: bf16 only where it is native; here the machine's own flags decide.
+    expected = torch.bfloat16 if cpu_has_native_bf16() else None
+    assert resolve_precision("auto", torch.device("cpu")) == expected
