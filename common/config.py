@@ -301,8 +301,8 @@ class LearnerConfig:
     updates_per_call: int = opt(8, "Updates per train() call between progress reports.", min=1)
     num_threads: int = opt(
         0,
-        "Torch intra-op threads on CPU; 0 = every usable core but one per sampler thread (learner/loop.py "
-        "learner_threads: OpenMP threads sharing a core with the sampler's decoding wait on it at every barrier).",
+        "Torch intra-op threads on CPU; 0 = tuned: the learner times its updates with 1, half and all usable "
+        "cores, keeps the fastest and retunes every 5,000 updates (learner/threads.py).",
         min=0,
     )
     precision: str = opt(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from collections import defaultdict
@@ -29,6 +28,7 @@ from learner import metric_keys as keys
 from learner.agent import TD3Agent, resolve_device, snapshot
 from learner.checkpoint import from_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint, to_checkpoint
 from learner.state import LearnerState
+from learner.threads import CpuThreads, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -54,27 +54,6 @@ def policy_lag(policy_version: torch.Tensor, current_version: int) -> tuple[floa
     return float(lag.double().mean()), float(lag.max()), random_fraction
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask; a container's CPU set), else the count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def learner_threads(num_threads: int, cores: int, sampler_threads: int) -> int:
-    """Torch intra-op threads of a CPU learner (``learner.num_threads``; 0 = this rule).
-
-    Auto leaves one core to each sampler thread (``replay.sampler_threads``; 0 = 1 on a CPU
-    learner), whose decoding runs beside the update: an OpenMP team with a thread on a core
-    that is busy waits at every barrier for it. Measured on a 2-core AVX2 box with other
-    work running (``convoy bench learner --variants``): 1 thread ran the batch-128 pixel update
-    1.8x faster than 2."""
-    if num_threads > 0:
-        return num_threads
-    return max(1, cores - (sampler_threads or 1))
-
-
 class Learner:
     def __init__(
         self,
@@ -86,8 +65,8 @@ class Learner:
     ) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.learner.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(learner_threads(cfg.learner.num_threads, usable_cores(), cfg.replay.sampler_threads))
+        # Torch's threads on a CPU learner: learner.num_threads, or tuned from the updates' times.
+        self.threads = CpuThreads(cfg.learner.num_threads, usable_cores()) if self.device.type == "cpu" else None
         torch.manual_seed(cfg.run.seed)
         self.np_rng = np.random.default_rng(cfg.run.seed)
         self.agent = TD3Agent(cfg.learner, self.device, vector_dim, action_dim)
@@ -145,6 +124,8 @@ class Learner:
         if not self.ready():
             time.sleep(0.05)
             return self.metrics({})
+        if self.threads is not None:
+            self.threads.apply()
         sums: dict[str, torch.Tensor] = {}
         lag_sum, lag_peak, random_sum, batches = 0.0, 0.0, 0.0, 0
         counts: dict[str, int] = defaultdict(int)
@@ -167,6 +148,8 @@ class Learner:
                 sums[key] = sums[key] + value.detach() if key in sums else value.detach().clone()
                 counts[key] += 1
             self.update_latency.observe(time.perf_counter() - t1)
+            if self.threads is not None:
+                self.threads.observe(time.perf_counter() - t1)
             if self.agent.consecutive_nonfinite >= self.cfg.learner.max_nonfinite:
                 self._stop_nonfinite()
             if self.agent.consecutive_nonfinite:

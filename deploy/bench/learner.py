@@ -15,11 +15,11 @@ Three figures on the same machine, batch size and networks:
 
 ``--variants before,after,bf16,batch256[,compile]`` adds ``variants``: fed updates/s of each
 learner setting, measured in the same run, in interleaved chunks (so a machine shared with
-other work loads every variant alike), from one shard: ``before`` is the learner as it used to
-pick its CPU threads (every core), ``after`` as configured now, ``bf16`` forces bf16 autocast,
-``batch256`` is batch 256 (compare ``samples_per_s``), ``compile`` turns on torch.compile
-(``setup_s`` includes its compile time). ``cpu`` reports the CPU model and the flags that
-decide precision and kernels.
+other work loads every variant alike), from one shard: ``before`` is the learner as it used
+to pick its CPU threads (every core), ``after`` as configured now (threads tuned,
+learner/threads.py), ``bf16`` forces bf16 autocast, ``batch256`` is batch 256 (compare
+``samples_per_s``), ``compile`` turns on torch.compile (``setup_s`` includes its compile
+time). ``cpu`` reports the CPU model and the flags that decide precision and kernels.
 """
 
 from __future__ import annotations
@@ -253,8 +253,11 @@ def _variant_rates(
             vcfg = cfg.replace(*VARIANTS[name])
             start = time.perf_counter()
             learners[name] = Learner(vcfg, source_factory(vcfg, shards.urls, pin_memory=timing.cuda)(), f"{tmp}/{name}")
-            out[name] = {"threads": torch.get_num_threads(), "batch_size": vcfg.learner.batch_size}
+            out[name] = {"batch_size": vcfg.learner.batch_size}
             learners[name].train(timing.warmup)
+            threads = learners[name].threads
+            while threads is not None and threads.tuning:  # its thread trials are set-up, not measured
+                learners[name].train(1)
             timing.sync()
             out[name]["setup_s"] = time.perf_counter() - start
             _say(f"  {name}: ready after {out[name]['setup_s']:.1f} s")
@@ -262,8 +265,7 @@ def _variant_rates(
         done = dict.fromkeys(names, 0)
         while min(spent.values()) < min_seconds or min(done.values()) < 2 * timing.chunk:
             for name in names:
-                torch.set_num_threads(int(out[name]["threads"]))
-                start = time.perf_counter()
+                start = time.perf_counter()  # each learner sets its own torch thread count
                 learners[name].train(timing.chunk)
                 timing.sync()
                 spent[name] += time.perf_counter() - start
@@ -271,6 +273,7 @@ def _variant_rates(
         for name, learner in learners.items():
             out[name]["updates_per_s"] = done[name] / spent[name]
             out[name]["samples_per_s"] = out[name]["updates_per_s"] * out[name]["batch_size"]
+            out[name]["threads"] = learner.threads.current if learner.threads is not None else torch.get_num_threads()
             learner.close()
     return out
 
