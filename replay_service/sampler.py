@@ -313,11 +313,16 @@ class ReplaySampler:
             "discount": discount,
         }
         tensors = {name: torch.from_numpy(v) for name, v in small.items()}
-        next_image = frames[torch.from_numpy(rows)[:, None], torch.from_numpy(k)[:, None] + torch.arange(STACK)]
-        image = frames[:, :STACK]
         if self.pin_memory:
             tensors = {name: v.pin_memory() for name, v in tensors.items()}
-            next_image = next_image.pin_memory()
+        next_image = torch.empty((len(k), STACK, *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
+        # _fetch puts full windows first; a redrawn row may not be, so the prefix is measured.
+        full = len(k) if (k == n).all() else int(np.argmin(k == n))
+        src, dst = frames.numpy(), next_image.numpy()  # numpy copies these strided blocks far faster
+        dst[:full] = src[:full, n : n + STACK]
+        for r in range(full, len(k)):
+            dst[r] = src[r, k[r] : k[r] + STACK]
+        image = frames[:, :STACK]
         return Batch(image=image, next_image=next_image, **tensors)
 
     def _fetch(
@@ -335,6 +340,11 @@ class ReplaySampler:
             seg, t = self._draw(snap, len(todo), rng)
             shard = snap.shard[seg]
             steps = window_steps(self.n_step, snap.ends[seg] - snap.starts[seg], t)
+            if len(todo) == b and self.n_step > 1:
+                # Full windows first (draws are i.i.d., so the order is free): they decode
+                # straight into the front of the batch; only the few cut ones are copied in.
+                order = np.argsort(-steps, kind="stable")
+                seg, t, steps = seg[order], t[order], steps[order]
             span = steps + STACK  # units t .. t+k+3
             # Table entries t .. t+k+4, padded with the last one (decode reads only its own).
             offs = snap.tab[(snap.tab_base[seg] + t)[:, None] + np.minimum(self._unit_offs, span[:, None])]
@@ -373,8 +383,9 @@ class ReplaySampler:
             ok = np.zeros(len(todo), bool)
             for k in np.unique(steps).tolist():  # one decode per window length (n = 1: one)
                 g = np.flatnonzero(steps == k)
-                if len(g) == b and k == self.n_step:  # the whole batch, first attempt: straight into it
-                    ok[:] = decode_batch(snap.codec[seg], replies, offs, frames, recs)
+                if len(todo) == b and k == self.n_step:  # first attempt: a prefix of the batch
+                    m = len(g)
+                    ok[:m] = decode_batch(snap.codec[seg[:m]], replies[:m], offs[:m], frames[:m], recs[:m])
                     continue
                 f_out = np.empty((len(g), k + STACK, *FRAME_SHAPE), np.uint8)
                 r_out = np.zeros((len(g), k + 1), RECORD_DTYPE)
