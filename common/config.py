@@ -128,6 +128,12 @@ class RunConfig:
         "many learner updates; the best by route completion, then return, is kept as checkpoint 'best'. 0 = never.",
         min=0,
     )
+    eval_hold: bool = opt(
+        False,
+        "Hold collection and learning while an evaluation is due or running, so evaluations land exactly every "
+        "run.eval_every_updates (convoy bench learning sets it). Off: training never waits, and a due evaluation "
+        "is skipped while one runs (counted as eval/skipped_total).",
+    )
     eval_episodes: int = opt(10, "Episodes per evaluation (seeds eval_seed, eval_seed + 1, ...).", min=1)
     eval_seed: int = opt(1_000_003, "Seed of the first evaluation episode; the same seeds every evaluation.", min=0)
     video_every_evals: int = opt(
@@ -339,6 +345,14 @@ class LearnerConfig:
     )
     hidden_dim: int = opt(256, "Width of the MLP heads after the CNN.", min=1)
     gamma: float = opt(0.99, "Discount.", min=0.0, max=1.0)
+    n_step: int = opt(
+        3,
+        "Steps of the TD target: the discounted sum of n rewards plus gamma^n times the target Q n steps on "
+        "(DrQ-v2 uses 3); a termination inside the window ends it without bootstrapping, a time limit or the end "
+        "of a replay segment ends it with one (replay_service/window.py). 1 = one-step TD3.",
+        min=1,
+        max=64,
+    )
     tau: float = opt(0.005, "Polyak rate of every target network (TD3 paper: 0.005).", min=0.0, max=1.0)
     policy_delay: int = opt(2, "Critic updates per actor and target update (TD3 paper: 2).", min=1)
     target_noise: float = opt(0.2, "Std of target policy smoothing noise (TD3 paper: 0.2).", min=0.0)
@@ -351,7 +365,12 @@ class LearnerConfig:
     critic_grad_clip: float = opt(10.0, "Max gradient norm of the critic (CNN + heads).", min=0.0)
     publish_every: int = opt(50, "Publish actor weights (new version) every this many updates.", min=1)
     updates_per_call: int = opt(8, "Updates per train() call between progress reports.", min=1)
-    num_threads: int = opt(0, "Torch intra-op threads on CPU; 0 uses every core.", min=0)
+    num_threads: int = opt(
+        0,
+        "Torch intra-op threads on CPU; 0 = tuned: the learner times its updates with 1, half and all usable "
+        "cores, keeps the fastest and retunes every 5,000 updates (learner/threads.py).",
+        min=0,
+    )
     precision: str = opt(
         "auto",
         "Autocast dtype of forward passes: auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "

@@ -129,6 +129,11 @@ class Batch:
     next_vector: torch.Tensor  # float32 (B, 23)
     terminated: torch.Tensor  # float32 (B,): 1.0 where the episode terminated (no bootstrap)
     policy_version: torch.Tensor  # int64 (B,)
+    # n-step batches (learner.n_step > 1): ``reward`` is the discounted sum of the window's
+    # rewards, ``next_*`` the observation after it, and this the bootstrap discount gamma^k
+    # (0 where the window ended in a termination); float32 (B,). None: a one-step batch,
+    # bootstrapped with gamma * (1 - terminated) (replay_service/window.py).
+    discount: torch.Tensor | None = None
     # When set, uint8 (B, 5, 84, 84) and ``image``/``next_image`` are its views [:, :4] and
     # [:, 1:]: the two stacks share 3 frames, so a batch holds and moves 5 frames, not 8.
     frames: torch.Tensor | None = None
@@ -144,7 +149,11 @@ class Batch:
         return int(self.action.shape[0])
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-        rest = {k: fn(v) for k, v in self.__dict__.items() if k not in ("image", "next_image", "frames")}
+        rest: dict[str, Any] = {
+            k: None if v is None else fn(v)
+            for k, v in self.__dict__.items()
+            if k not in ("image", "next_image", "frames")
+        }
         if self.frames is not None:
             return Batch.from_frames(fn(self.frames), **rest)
         return Batch(image=fn(self.image), next_image=fn(self.next_image), **rest)

@@ -12,6 +12,7 @@ import torch
 from common.config import LearnerConfig
 from common.networks import Actor, Critic, set_encoder_precision
 from common.schema import ACTION_DIM, VECTOR_DIM, Batch
+from common.sysutil import cpu_flags
 from learner import metric_keys as keys
 from learner import td3
 from learner.augment import augment_batch
@@ -29,9 +30,17 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs whose oneDNN kernels run bf16 natively (AVX512-BF16 or AMX); elsewhere
-    bf16 is emulated and slower than fp32."""
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """True on CPUs that run bf16 natively (the AVX512-BF16 or AMX-BF16 flag); elsewhere oneDNN
+    emulates bf16 and it is slower than fp32: measured on an AVX2-only CPU (``convoy bench
+    learner --variants``), the batch-128 pixel update ran 3.7x slower in bf16. Without
+    /proc/cpuinfo, oneDNN's own check decides."""
+    flags = cpu_flags() if flags is None else flags
+    if flags:
+        return bool(flags & NATIVE_BF16_FLAGS)
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -166,6 +175,8 @@ class TD3Agent:
         next_q1, next_q2 = self._critic_target_fwd(
             batch.next_image, batch.next_vector, td3.smoothed_target_action(next_action, noise)
         )
+        if batch.discount is not None:  # an n-step batch (learner.n_step > 1)
+            return td3.nstep_td_target(batch.reward, batch.discount, next_q1, next_q2)
         return td3.td_target(batch.reward, batch.terminated, next_q1, next_q2, cfg.gamma)
 
     def q_values(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

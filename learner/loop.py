@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from collections import defaultdict
@@ -36,6 +35,7 @@ from learner.checkpoint import (
     to_checkpoint,
 )
 from learner.state import LearnerState
+from learner.threads import CpuThreads, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class Learner:
     ) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.learner.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(cfg.learner.num_threads or os.cpu_count() or 1)
+        # Torch's threads on a CPU learner: learner.num_threads, or tuned from the updates' times.
+        self.threads = CpuThreads(cfg.learner.num_threads, usable_cores()) if self.device.type == "cpu" else None
         torch.manual_seed(cfg.run.seed)
         self.np_rng = np.random.default_rng(cfg.run.seed)
         self.agent = TD3Agent(cfg.learner, self.device, vector_dim, action_dim)
@@ -140,6 +140,8 @@ class Learner:
         if not self.ready():
             time.sleep(0.05)
             return self.metrics({})
+        if self.threads is not None:
+            self.threads.apply()
         sums: dict[str, torch.Tensor] = {}
         lag_sum, lag_peak, random_sum, batches = 0.0, 0.0, 0.0, 0
         counts: dict[str, int] = defaultdict(int)
@@ -162,6 +164,8 @@ class Learner:
                 sums[key] = sums[key] + value.detach() if key in sums else value.detach().clone()
                 counts[key] += 1
             self.update_latency.observe(time.perf_counter() - t1)
+            if self.threads is not None:
+                self.threads.observe(time.perf_counter() - t1)
             if self.agent.consecutive_nonfinite >= self.cfg.learner.max_nonfinite:
                 self._stop_nonfinite()
             if self.agent.consecutive_nonfinite:

@@ -55,6 +55,22 @@ def td_target(
     return reward + gamma * (1.0 - terminated) * torch.minimum(next_q1, next_q2)
 
 
+def nstep_td_target(
+    reward_sum: torch.Tensor,
+    discount: torch.Tensor,
+    next_q1: torch.Tensor,
+    next_q2: torch.Tensor,
+) -> torch.Tensor:
+    """Clipped double-Q n-step target y = sum_j gamma^j r_{t+j} + discount * min(Q1', Q2').
+
+    ``discount`` is gamma^k for a window of k steps, 0 where it ended in a termination; the
+    window rule (termination, truncation, segment end) is replay_service/window.py."""
+    for name, t in (("discount", discount), ("next_q1", next_q1), ("next_q2", next_q2)):
+        if t.shape != reward_sum.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} != reward shape {tuple(reward_sum.shape)}")
+    return reward_sum + discount * torch.minimum(next_q1, next_q2)
+
+
 def critic_loss(q1: torch.Tensor, q2: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
     """MSE of both Q heads against the (detached) target."""
     target = target.detach()

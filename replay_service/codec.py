@@ -13,6 +13,8 @@ Unit ``i`` pairs frame ``i`` with step record ``i`` (``RECORD_DTYPE``: the vecto
 observation ``i`` and the action/reward/flags/version of step ``i``; records past ``T - 1`` hold
 only a vector or zeros). Transition ``t`` needs frames ``t .. t+4`` and records ``t, t+1``:
 units ``t .. t+4``, one contiguous byte range whose ends are table entries ``t`` and ``t+5``.
+An n-step window of ``k`` steps (replay_service/window.py) needs records ``t .. t+k`` and
+frames ``t .. t+k+3``: units ``t .. t+k+3``, table entries ``t`` and ``t+k+4``.
 The sampler mirrors each segment's table once (prefix + table are the first bytes of the
 value), so a batch is one pipelined GETRANGE per transition and nothing else.
 
@@ -364,36 +366,41 @@ def decode_units(blob: bytes, out_frames: np.ndarray) -> np.ndarray:
 
 
 def _check_records(recs: np.ndarray) -> np.ndarray:
-    """Per-transition validity of (n, 2) records: known flag bits, finite numbers."""
-    ok = (recs["flags"][:, 0] & ~np.uint8(TERMINATED | TRUNCATED)) == 0
+    """Per-transition validity of (n, r) records: known flag bits and finite numbers in the
+    steps it reads (all but the last record, which holds only the next vector), finite vectors."""
+    steps = recs[:, :-1]
+    ok = ((steps["flags"] & ~np.uint8(TERMINATED | TRUNCATED)) == 0).all(axis=1)
     ok &= np.isfinite(recs["vector"]).all(axis=(1, 2))
-    ok &= np.isfinite(recs["action"][:, 0]).all(axis=1) & np.isfinite(recs["reward"][:, 0])
+    ok &= np.isfinite(steps["action"]).all(axis=(1, 2)) & np.isfinite(steps["reward"]).all(axis=1)
     return np.asarray(ok)
 
 
 def decode_transition_parts(
-    codec_id: int, units: bytes | memoryview, offsets: np.ndarray, out_frames: np.ndarray
+    codec_id: int, units: bytes | memoryview, offsets: np.ndarray, out_frames: np.ndarray, records: int = 2
 ) -> np.ndarray:
-    """Decode one transition from its fetched units ``t .. t+4`` (the per-item path).
+    """Decode one transition from its fetched units ``t .. t+s-1`` (the per-item path).
 
-    ``offsets`` are the 6 table entries ``t .. t+5`` (any base). Writes frames ``t .. t+4`` into
-    ``out_frames`` (5, 84, 84) and returns records ``t, t+1``. Raises only CorruptSegmentError.
+    ``offsets`` are the ``s + 1`` table entries ``t .. t+s`` (any base; ``s = SPAN = 5`` for a
+    one-step transition, ``k + 4`` for an n-step window of k steps). Writes frames ``t .. t+s-1``
+    into ``out_frames`` (s, 84, 84) and returns records ``t .. t+records-1``. Raises only
+    CorruptSegmentError.
     """
     offs = np.asarray(offsets, np.int64)
-    if offs.shape != (SPAN + 1,):
-        raise CorruptSegmentError(f"expected {SPAN + 1} unit offsets, got shape {offs.shape}")
+    span = len(out_frames)
+    if offs.shape != (span + 1,) or not 2 <= records <= span:
+        raise CorruptSegmentError(f"expected {span + 1} unit offsets, got shape {offs.shape}")
     offs = offs - offs[0]
     if (np.diff(offs) <= UNIT_HEAD).any() or offs[-1] != len(units):
         raise CorruptSegmentError(f"unit offsets do not match the {len(units)} fetched bytes")
     arr = np.frombuffer(units, np.uint8)
     _check_units(arr, offs)
-    rec_idx = (offs[:2, None] + len(SKIP_HEADER)) + np.arange(RECORD_SIZE)
+    rec_idx = (offs[:records, None] + len(SKIP_HEADER)) + np.arange(RECORD_SIZE)
     recs = arr[rec_idx].reshape(-1).view(RECORD_DTYPE)
-    if not _check_records(recs.reshape(1, 2))[0]:
+    if not _check_records(recs.reshape(1, records))[0]:
         raise CorruptSegmentError("step record has unknown flag bits or non-finite values")
     codec = frame_codec(codec_id)
     view = memoryview(units)
-    for i in range(SPAN):
+    for i in range(span):
         raw = codec.decompress(view[int(offs[i]) + UNIT_HEAD : int(offs[i + 1])])
         out_frames[i] = np.frombuffer(raw, dtype=np.uint8).reshape(FRAME_SHAPE)
     return recs
@@ -404,9 +411,11 @@ def decode_batch(
 ) -> np.ndarray:
     """Decode fetched transitions in bulk; returns a bool mask of the items that decoded.
 
-    ``replies[i]`` is what GETRANGE returned for item ``i`` (units ``t .. t+4``), ``offsets``
-    (n, 6) its table entries, ``codec_ids`` (n,) its segment's codec. Fills ``out_frames``
-    (n, 5, 84, 84) and ``out_records`` (n, 2) for the items marked True. Never raises for bad
+    ``replies[i]`` is what GETRANGE returned for item ``i`` (units ``t .. t+s-1``), ``offsets``
+    (n, s+1) its table entries, ``codec_ids`` (n,) its segment's codec. Fills ``out_frames``
+    (n, s, 84, 84) and ``out_records`` (n, r) (records ``t .. t+r-1``) for the items marked True;
+    a one-step transition is s = 5, r = 2, an n-step window of k steps s = k + 4, r = k + 1.
+    Never raises for bad
     data: an item that is not bytes, has the wrong length, or fails any check is False.
 
     zstd items whose frames all carry this build's frame head go through one stream
@@ -417,6 +426,7 @@ def decode_batch(
     ok = np.zeros(n, bool)
     if n == 0:
         return ok
+    span, n_recs = out_frames.shape[1], out_records.shape[1]
     offs = np.asarray(offsets, np.int64)
     rel = offs - offs[:, :1]
     expect = rel[:, -1]
@@ -427,10 +437,10 @@ def decode_batch(
         return ok
     joined = np.frombuffer(b"".join([replies[i] for i in idx]), np.uint8)
     base = np.concatenate([[0], np.cumsum(expect[idx])[:-1]])
-    starts = base[:, None] + rel[idx, :SPAN]  # unit starts in `joined`, (m, 5)
+    starts = base[:, None] + rel[idx, :span]  # unit starts in `joined`, (m, s)
     heads = joined[starts[..., None] + np.arange(len(SKIP_HEADER))]
     valid = (heads == _SKIP_HEADER_ARR).all(axis=(1, 2))
-    rec_pos = starts[:, :2, None] + len(SKIP_HEADER) + np.arange(RECORD_SIZE)
+    rec_pos = starts[:, :n_recs, None] + len(SKIP_HEADER) + np.arange(RECORD_SIZE)
     recs = joined[rec_pos].reshape(len(idx), -1).view(RECORD_DTYPE)
     valid &= _check_records(recs)
     fh = joined[(starts + UNIT_HEAD)[..., None] + np.arange(len(ZSTD_FRAME_HEAD))]
@@ -445,7 +455,7 @@ def decode_batch(
             stream = b"".join([replies[i] for i in f_idx])
         # The common case (every item valid and fast) decompresses straight into the output.
         direct = len(f_idx) == n and out_frames.flags.c_contiguous
-        dest = out_frames if direct else np.empty((len(f_idx), SPAN, *FRAME_SHAPE), np.uint8)
+        dest = out_frames if direct else np.empty((len(f_idx), span, *FRAME_SHAPE), np.uint8)
         codec = frame_codec(CODEC_ZSTD)
         try:
             got = codec.decompress_stream_into(stream, memoryview(dest.reshape(-1).data))
@@ -460,7 +470,7 @@ def decode_batch(
             slow = np.concatenate([slow, f_idx])
     for i in slow:
         try:
-            out_records[i] = decode_transition_parts(int(codec_ids[i]), replies[i], offs[i], out_frames[i])
+            out_records[i] = decode_transition_parts(int(codec_ids[i]), replies[i], offs[i], out_frames[i], n_recs)
             ok[i] = True
         except CorruptSegmentError:
             ok[i] = False

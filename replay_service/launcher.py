@@ -168,10 +168,15 @@ class RedisShardProcess:
         cred = f"{CLIENT_USER}:{quote(self.password, safe='')}" if self._password_in_url else CLIENT_USER
         return f"redis://{cred}@{self.host}:{self.port}/0"
 
-    def admin(self, timeout: float = 5.0) -> redis.Redis:
+    def admin(self, timeout: float = 5.0, db: int = 0) -> redis.Redis:
         """A client with every right (the launcher's own user); for readiness checks and tests."""
         return redis.Redis(
-            host=self.host, port=self.port, username=ADMIN_USER, password=self.admin_password, socket_timeout=timeout
+            host=self.host,
+            port=self.port,
+            db=db,
+            username=ADMIN_USER,
+            password=self.admin_password,
+            socket_timeout=timeout,
         )
 
     def _wait_ready(self, timeout: float = 10.0) -> None:

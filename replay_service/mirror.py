@@ -65,6 +65,7 @@ from replay_service.codec import (
 from replay_service.errors import SampleError
 from replay_service.index import Loaded, ShardIndex, Snapshot
 from replay_service.shards import ShardClient
+from replay_service.window import nstep_window, window_steps
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +252,17 @@ def window(snap: Snapshot, seg: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, 
 class ResidentMirror:
     """The ring plus what loads it (the index refresher's loader) and what samples it."""
 
-    def __init__(self, index: ShardIndex, units: int, device: torch.device, pin_memory: bool) -> None:
+    def __init__(
+        self,
+        index: ShardIndex,
+        units: int,
+        device: torch.device,
+        pin_memory: bool,
+        n_step: int = 1,
+        gamma: float = 0.99,
+    ) -> None:
         self.index = index
+        self.n_step, self.gamma = n_step, gamma
         self.ring = UnitRing(units, device)
         self.pin_memory = pin_memory and device.type == "cpu"
         self.full_total = 0  # segments skipped for lack of room
@@ -365,6 +375,8 @@ class ResidentMirror:
             if snap.total == 0:
                 raise SampleError("replay is empty (or every shard is unreachable)")
             seg, t = snap.draw(n, rng)
+            if self.n_step > 1:
+                return self._nstep_batch(snap, seg, t), snap.shard[seg]
             frame_slots, record_slots = window(snap, seg, t)
             fidx = torch.from_numpy(frame_slots.reshape(-1)).to(ring.device)
             ridx = torch.from_numpy(record_slots.reshape(-1)).to(ring.device)
@@ -387,6 +399,44 @@ class ResidentMirror:
         if self.pin_memory:
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
         return Batch.from_frames(frames.view(n, SPAN, *FRAME_SHAPE), **tensors), snap.shard[seg]
+
+    def _nstep_batch(self, snap: Snapshot, seg: np.ndarray, t: np.ndarray) -> Batch:
+        """An n-step batch (replay_service/window.py): records t..t+k, the observation's frames
+        t..t+3 and the next observation's t+k..t+k+3, k cut at the segment's end (or an end
+        flag). Called inside ``ring.reading()``."""
+        ring, b, n = self.ring, len(seg), self.n_step
+        steps = window_steps(n, snap.ends[seg] - snap.starts[seg], t)
+        base = snap.tab_base[seg] + t
+        # Records t .. t+n, clipped at t+steps: entries past a window's end are read but unused.
+        record_slots = snap.tab[base[:, None] + np.minimum(np.arange(n + 1)[None, :], steps[:, None])]
+        ridx = torch.from_numpy(record_slots.reshape(-1)).to(ring.device)
+        floats = ring.floats.index_select(0, ridx).view(b, n + 1, RECORD_FLOATS)
+        host = floats[:, :n].cpu().numpy()
+        flags = np.where(host[:, :, _TERM] > 0, TERMINATED, 0) | np.where(host[:, :, _TRUNC] > 0, TRUNCATED, 0)
+        reward, discount, k = nstep_window(host[:, :, _R], flags.astype(np.uint8), steps, self.gamma)
+        stack = np.arange(STACK)[None, :]
+        frame_slots = snap.tab[base[:, None] + np.concatenate([np.repeat(stack, b, 0), k[:, None] + stack], axis=1)]
+        fidx = torch.from_numpy(frame_slots.reshape(-1)).to(ring.device)
+        if ring.device.type == "cpu":
+            frames = torch.empty((b * 2 * STACK, *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
+            torch.index_select(ring.frames, 0, fidx, out=frames)
+        else:
+            frames = ring.frames.index_select(0, fidx)
+        frames = frames.view(b, 2, STACK, *FRAME_SHAPE)
+        rows, kt = torch.arange(b, device=ring.device), torch.from_numpy(k).to(ring.device)
+        small = {
+            "vector": floats[:, 0, _V],
+            "action": floats[:, 0, _A],
+            "reward": torch.from_numpy(reward).to(ring.device),
+            "next_vector": floats[rows, kt, _V],
+            "terminated": floats[rows, kt - 1, _TERM],
+            "policy_version": ring.version.index_select(0, ridx.view(b, n + 1)[:, 0].contiguous()),
+            "discount": torch.from_numpy(discount).to(ring.device),
+        }
+        tensors = {name: v.contiguous() for name, v in small.items()}
+        if self.pin_memory:
+            tensors = {name: v.pin_memory() for name, v in tensors.items()}
+        return Batch(image=frames[:, 0], next_image=frames[:, 1], **tensors)
 
     def metrics(self) -> dict[str, float]:
         used = self.ring.used

@@ -40,8 +40,8 @@ from typing import cast
 import numpy as np
 import torch
 
-from common.schema import FRAME_SHAPE, Batch
-from replay_service.codec import RECORD_DTYPE, SPAN, TERMINATED, CorruptSegmentError, decode_batch
+from common.schema import FRAME_SHAPE, STACK, Batch
+from replay_service.codec import RECORD_DTYPE, TERMINATED, CorruptSegmentError, decode_batch
 from replay_service.counters import SIZE, WAIT_SECONDS_TOTAL, LogOnce, ShardCounters, shard_metrics
 from replay_service.errors import SampleError, ShardAuthError, ShardUnavailable
 from replay_service.index import IndexRefresher, ShardIndex, Snapshot
@@ -49,10 +49,10 @@ from replay_service.mirror import ResidentMirror, check_memory, mirror_units, re
 from replay_service.ratelimit import SampleToInsertRatio, poll_counters
 from replay_service.shards import ShardClient, ShardHealth, ShardStats, check_shards_at_start
 from replay_service.table import GONE, ShardTable, TableFollower
+from replay_service.window import nstep_window, window_steps
 
 log = logging.getLogger(__name__)
 
-_ARANGE_OFFS = np.arange(SPAN + 1)
 _MAX_ATTEMPTS = 8
 
 
@@ -71,6 +71,9 @@ class ReplaySampler:
     ``mirror``: ``off`` (byte ranges per batch), ``host``, ``device`` (a resident copy of
     ``capacity`` transitions in segments of up to ``segment_length`` steps, on ``device``) or
     ``auto`` (``device`` when ``device`` is a GPU); refused at start when it does not fit.
+    With ``n_step > 1`` each transition is an n-step window (replay_service/window.py): its
+    reward is the discounted sum, ``discount`` the bootstrap discount, ``next_*`` the
+    observation after the window; one GETRANGE still fetches all of it (codec.py).
     """
 
     def __init__(
@@ -95,9 +98,15 @@ class ReplaySampler:
         device: str = "cpu",
         shard_table: ShardTable | None = None,
         table_poll_s: float = 1.0,
+        n_step: int = 1,
+        gamma: float = 0.99,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
+        if n_step < 1:
+            raise ValueError(f"n_step={n_step!r}: must be >= 1")
+        self.n_step, self.gamma = n_step, gamma
+        self._unit_offs = np.arange(n_step + STACK + 1)  # table entries one full window reads
         # Shards replaced at a new address are followed (table.py); a gone one keeps its last URL, unused.
         self._table = TableFollower(urls, shard_table, table_poll_s)
         current = self._table.current() if self._table.enabled else list(urls)
@@ -129,7 +138,7 @@ class ReplaySampler:
             dev = dev if self.mirror == "device" else torch.device("cpu")
             check_memory(self.mirror, capacity, segment_length, dev)
             units = mirror_units(capacity, segment_length)
-            self._resident = ResidentMirror(self._index, units, dev, self.pin_memory)
+            self._resident = ResidentMirror(self._index, units, dev, self.pin_memory, n_step, gamma)
         self._reported_at = 0.0  # when the mirror's samples last went to the shards
         # The index clients: used only under the refresher's lock (one RESP connection each, and
         # resetting one closes the socket under whoever is reading it).
@@ -300,14 +309,16 @@ class ReplaySampler:
             raise SampleError("sampler is closing")
         if self._resident is not None:
             return self._sample_resident(b, rng)
-        # Frames t..t+4 of each transition are decoded straight into this (pinned) tensor; the
-        # observation and next-observation stacks are views of it, never copies.
-        frames = torch.empty((b, SPAN, *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
+        # Frames t..t+n+3 of each transition are decoded straight into this (pinned) tensor; for
+        # n = 1 the observation and next-observation stacks are views of it, never copies.
+        frames = torch.empty((b, self.n_step + STACK, *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
         try:
-            recs = self._fetch(b, rng, worker, frames.numpy())
+            recs, steps = self._fetch(b, rng, worker, frames.numpy())
         finally:
             with self._lock:
                 self._reserved -= b if self.limiter.enabled else 0
+        if self.n_step > 1:
+            return self._nstep_batch(frames, recs, steps)
         r0 = recs[:, 0]
         small = {
             "vector": np.ascontiguousarray(r0["vector"], np.float32),
@@ -356,16 +367,55 @@ class ReplaySampler:
             with self._lock:
                 c.unreported += n
 
-    def _fetch(self, b: int, rng: np.random.Generator, worker: int, frames: np.ndarray) -> np.ndarray:
-        """Draw, fetch and decode ``b`` transitions into ``frames`` (b, 5, 84, 84); redraws the
-        ones that fail; returns their records (b, 2)."""
-        recs = np.empty((b, 2), RECORD_DTYPE)
+    def _nstep_batch(self, frames: torch.Tensor, recs: np.ndarray, steps: np.ndarray) -> Batch:
+        """An n-step batch from each item's frames t..t+k+3 and records t..t+k."""
+        n, rows = self.n_step, np.arange(len(steps))
+        reward, discount, k = nstep_window(recs["reward"][:, :n], recs["flags"][:, :n], steps, self.gamma)
+        small = {
+            "vector": np.ascontiguousarray(recs[:, 0]["vector"], np.float32),
+            "action": np.ascontiguousarray(recs[:, 0]["action"], np.float32),
+            "reward": reward,
+            "next_vector": np.ascontiguousarray(recs["vector"][rows, k], np.float32),
+            "terminated": (recs["flags"][rows, k - 1] & TERMINATED).astype(np.float32),
+            "policy_version": recs[:, 0]["version"].astype(np.int64),
+            "discount": discount,
+        }
+        tensors = {name: torch.from_numpy(v) for name, v in small.items()}
+        if self.pin_memory:
+            tensors = {name: v.pin_memory() for name, v in tensors.items()}
+        next_image = torch.empty((len(k), STACK, *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
+        # _fetch puts full windows first; a redrawn row may not be, so the prefix is measured.
+        full = len(k) if (k == n).all() else int(np.argmin(k == n))
+        src, dst = frames.numpy(), next_image.numpy()  # numpy copies these strided blocks far faster
+        dst[:full] = src[:full, n : n + STACK]
+        for r in range(full, len(k)):
+            dst[r] = src[r, k[r] : k[r] + STACK]
+        image = frames[:, :STACK]
+        return Batch(image=image, next_image=next_image, **tensors)
+
+    def _fetch(
+        self, b: int, rng: np.random.Generator, worker: int, frames: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Draw, fetch and decode ``b`` transitions into ``frames`` (b, n+4, 84, 84); redraws
+        the ones that fail; returns their records (b, n+1) and window steps k (b,) (for n = 1:
+        frames t..t+4, records t and t+1, k = 1; a window cut by its segment's end leaves the
+        entries past its k unused)."""
+        recs = np.zeros((b, self.n_step + 1), RECORD_DTYPE)
+        steps_out = np.ones(b, np.int64)
         todo = np.arange(b)
         for _attempt in range(_MAX_ATTEMPTS):
             snap = self._index.snapshot
             seg, t = self._draw(snap, len(todo), rng)
             shard = snap.shard[seg]
-            offs = snap.tab[(snap.tab_base[seg] + t)[:, None] + _ARANGE_OFFS]
+            steps = window_steps(self.n_step, snap.ends[seg] - snap.starts[seg], t)
+            if len(todo) == b and self.n_step > 1:
+                # Full windows first (draws are i.i.d., so the order is free): they decode
+                # straight into the front of the batch; only the few cut ones are copied in.
+                order = np.argsort(-steps, kind="stable")
+                seg, t, steps = seg[order], t[order], steps[order]
+            span = steps + STACK  # units t .. t+k+3
+            # Table entries t .. t+k+4, padded with the last one (decode reads only its own).
+            offs = snap.tab[(snap.tab_base[seg] + t)[:, None] + np.minimum(self._unit_offs, span[:, None])]
             starts = snap.uoff[seg] + offs[:, 0]
             stops = snap.uoff[seg] + offs[:, -1]
             replies: list[object] = [None] * len(todo)
@@ -398,18 +448,25 @@ class ReplaySampler:
                 self._update_stats(s, stats)
                 for r, v in zip(rows.tolist(), got, strict=True):
                     replies[r] = v
-            if len(todo) == b:  # first attempt: decode straight into the batch
-                ok = decode_batch(snap.codec[seg], replies, offs, frames, recs)
-            else:
-                f_out = np.empty((len(todo), SPAN, *FRAME_SHAPE), np.uint8)
-                r_out = np.empty((len(todo), 2), RECORD_DTYPE)
-                ok = decode_batch(snap.codec[seg], replies, offs, f_out, r_out)
-                frames[todo[ok]] = f_out[ok]
-                recs[todo[ok]] = r_out[ok]
+            ok = np.zeros(len(todo), bool)
+            for k in np.unique(steps).tolist():  # one decode per window length (n = 1: one)
+                g = np.flatnonzero(steps == k)
+                if len(todo) == b and k == self.n_step:  # first attempt: a prefix of the batch
+                    m = len(g)
+                    ok[:m] = decode_batch(snap.codec[seg[:m]], replies[:m], offs[:m], frames[:m], recs[:m])
+                    continue
+                f_out = np.empty((len(g), k + STACK, *FRAME_SHAPE), np.uint8)
+                r_out = np.zeros((len(g), k + 1), RECORD_DTYPE)
+                ok[g] = decode_batch(
+                    snap.codec[seg[g]], [replies[i] for i in g], offs[g, : k + STACK + 1], f_out, r_out
+                )
+                frames[todo[g[ok[g]]], : k + STACK] = f_out[ok[g]]
+                recs[todo[g[ok[g]]], : k + 1] = r_out[ok[g]]
+            steps_out[todo[ok]] = steps[ok]
             self._count_outcomes(snap, shard, ok, replies, snap.seqs[seg])
             todo = todo[~ok]
             if len(todo) == 0:
-                return recs
+                return recs, steps_out
             self.refresh_index()
             if self.size == 0:
                 break

@@ -45,6 +45,16 @@ def redis_url(redis_process: RedisShardProcess) -> str:
     return redis_process.url
 
 
+@pytest.fixture
+def two_shards(redis_process: RedisShardProcess) -> list[str]:
+    """Two clean shards on one redis-server (databases 0 and 1): separate keys, separate epochs."""
+    urls = [redis_process.url.rsplit("/", 1)[0] + f"/{db}" for db in (0, 1)]
+    client = redis_process.admin()  # convoy's own user may not flush
+    client.flushall()
+    client.close()
+    return urls
+
+
 @pytest.fixture(scope="session")
 def _moto_server_url() -> Iterator[str]:
     from tests.s3server import start_moto_server

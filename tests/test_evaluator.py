@@ -284,3 +284,44 @@ def test_real_evaluator_actor_on_a_checkpoint(ray_local: None, tmp_path: Path, m
     assert [p.name for p in (Path(run) / "videos").iterdir()] == ["eval-0000000100.mp4"]
     assert len(list((Path(run) / "tensorboard" / "eval_video").iterdir())) == 1
     sched.close()
+
+
+class _NoRayLearner:
+    """``learner.checkpoint.remote(...)`` as the scheduler calls it; the reference is a stand-in."""
+
+    class _Method:
+        def remote(self, env_steps: int) -> str:
+            return f"ref@{env_steps}"
+
+    checkpoint = _Method()
+
+
+def test_scheduler_counts_skipped_evaluations_and_says_so(tmp_path: Path) -> None:
+    sched = EvalScheduler(_cfg("run.eval_every_updates=10"), str(tmp_path / "run"))
+    learner = _NoRayLearner()
+    assert sched.maybe_submit(10, 100, learner) and sched.busy
+    assert not sched.maybe_submit(25, 250, learner), "busy: the evaluation due at 20 waits"
+    sched._ckpt_ref = None  # the evaluation finished
+    # Due at 20 and at 30; one evaluation (at 35) covers both: one skipped.
+    assert sched.maybe_submit(35, 350, learner) and sched.next_due == 40
+    assert sched.skipped_total == 1
+    assert sched.summary()["eval/skipped_total"] == 1.0
+    assert sched.short().endswith("skipped 1")
+    sched._ckpt_ref = None
+    assert sched.maybe_submit(41, 410, learner) and sched.skipped_total == 1, "on time: nothing skipped"
+
+
+def test_eval_hold_holds_while_an_evaluation_is_due_or_running(tmp_path: Path) -> None:
+    sched = EvalScheduler(_cfg("run.eval_every_updates=10", "run.eval_hold=true"), str(tmp_path / "run"))
+    learner = _NoRayLearner()
+    assert not sched.holding(9)
+    assert sched.holding(10), "due: hold until it is submitted"
+    assert sched.maybe_submit(10, 100, learner)
+    assert sched.holding(10) and sched.holding(12), "running: hold until it is done"
+    sched._ckpt_ref = None
+    assert not sched.holding(12) and sched.held_s > 0.0
+    assert sched.maybe_submit(20, 200, learner) and sched._pending["held_s"] > 0.0
+    assert sched.skipped_total == 0
+    # Without run.eval_hold the scheduler never holds anything up.
+    free = EvalScheduler(_cfg("run.eval_every_updates=10"), str(tmp_path / "run2"))
+    assert not free.holding(10) and free.maybe_submit(10, 100, learner) and not free.holding(10)

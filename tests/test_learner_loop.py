@@ -12,8 +12,10 @@ from common.networks import Actor
 from common.protocols import BatchSource
 from common.schema import Batch
 from common.weights import load_into, message_from_bytes
+from learner.agent import cpu_has_native_bf16, resolve_precision
 from learner.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint
 from learner.loop import Learner
+from learner.threads import CpuThreads
 from tests.fakes import random_batch
 
 
@@ -161,3 +163,41 @@ def test_the_replay_sampler_and_the_test_sources_are_batch_sources(redis_url: st
         assert isinstance(sampler, BatchSource)
     finally:
         sampler.close()
+
+
+def test_cpu_threads_keep_the_fastest_count_and_retune() -> None:
+    counts: list[int] = [4]
+    threads = CpuThreads(
+        0, cores=4, trial=2, warm=1, retune_every=10, set_threads=counts.append, get_threads=lambda: counts[-1]
+    )
+    assert threads.candidates == [1, 2, 4] and threads.current == 1 and threads.tuning
+    # Per candidate: one warm-up update (not counted), then two timed ones.
+    seconds = {1: 0.5, 2: 0.2, 4: 0.3}
+    for _ in range(3 * 3):
+        threads.observe(9.0 if threads._seen == 0 else seconds[threads.current])
+    assert threads.chosen == 2 and counts[-1] == 2 and not threads.tuning
+    for _ in range(10):
+        threads.observe(0.1)
+    assert threads.tuning and threads.current == 1, "retunes after retune_every updates"
+    counts.append(7)  # something else changed torch's count: apply() puts ours back
+    threads.apply()
+    assert counts[-1] == 1
+
+
+def test_fixed_cpu_threads_never_tune() -> None:
+    counts: list[int] = [1]
+    threads = CpuThreads(3, cores=16, set_threads=counts.append, get_threads=lambda: counts[-1])
+    assert threads.candidates == [3] and threads.chosen == 3 and counts[-1] == 3
+    for _ in range(20_000):
+        threads.observe(0.1)
+    assert counts == [1, 3]
+
+
+def test_bf16_is_picked_by_cpu_flags() -> None:
+    avx2 = frozenset({"avx", "avx2", "fma"})
+    assert not cpu_has_native_bf16(avx2)
+    assert cpu_has_native_bf16(avx2 | {"avx512f", "avx512_bf16"})
+    assert cpu_has_native_bf16(avx2 | {"amx_bf16", "amx_tile"})
+    # auto on a CPU: bf16 only where it is native; here the machine's own flags decide.
+    expected = torch.bfloat16 if cpu_has_native_bf16() else None
+    assert resolve_precision("auto", torch.device("cpu")) == expected

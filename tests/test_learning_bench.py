@@ -23,6 +23,10 @@ START = 200
 SEGMENT = 16
 
 
+def summary_skipped(out: Path) -> float:
+    return float(json.loads((out / "c2-s0" / "summary.json").read_text())["eval"]["eval/skipped_total"])
+
+
 def test_summaries_and_medians() -> None:
     history = [
         {
@@ -125,6 +129,13 @@ def test_bench_learning_tiny_run_json_and_replay_ratio(tmp_path: Path) -> None:
     assert len(evals) >= 2 and evals[-1]["env_steps"] >= 900
     history = [json.loads(x) for x in (out / "c2-s0" / "eval.jsonl").read_text().splitlines()]
     assert [h["env_steps"] for h in history] == [e["env_steps"] for e in evals]
+    # At the exact cadence (run.eval_hold): every 150 updates (300 env steps * SPI / BATCH),
+    # none skipped, each within one train call (updates_per_call=2) of its due point.
+    every = 300 * SPI / BATCH
+    during = history[:-1]
+    assert [int(h["updates"] // every) for h in during] == list(range(1, len(during) + 1)), history
+    assert all(h["updates"] - every * (h["updates"] // every) < 2 for h in during), history
+    assert summary_skipped(out) == 0
 
     # The rate limiter held the ratio: sampled transitions stay within the tolerance of
     # SPI * (inserted - warm-up). Sampled = updates * BATCH plus batches prefetched but not yet

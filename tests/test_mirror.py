@@ -5,7 +5,6 @@ refill, corrupt segments, slot reuse and the memory check."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -24,17 +23,6 @@ from replay_service.writer import ReplayWriter
 from tests.test_replay import _epoch, make_segment, mirror_kw
 
 HOST = mirror_kw("host")
-
-
-@pytest.fixture
-def two_shards(redis_process: RedisShardProcess) -> Iterator[list[str]]:
-    """Two clean shards on one redis-server (databases 0 and 1): separate keys, separate epochs."""
-    urls = [f"redis://{redis_process.host}:{redis_process.port}/{db}" for db in (0, 1)]
-    for url in urls:
-        client = redis.Redis.from_url(url)
-        client.flushdb()
-        client.close()
-    yield urls
 
 
 def _cells(sampler: ReplaySampler, batches: int) -> Counter[tuple[int, int]]:
@@ -113,14 +101,16 @@ def test_eviction_on_a_shard_leaves_the_mirror_and_its_room_is_reused(redis_url:
     w.close()
 
 
-def test_shard_restart_or_loss_empties_its_part_of_the_mirror(two_shards: list[str]) -> None:
+def test_shard_restart_or_loss_empties_its_part_of_the_mirror(
+    two_shards: list[str], redis_process: RedisShardProcess
+) -> None:
     w = ReplayWriter(two_shards, capacity=100_000)
     for i in range(6):  # shard 0: episodes 0, 2, 4; shard 1: 1, 3, 5
         w.write(make_segment(t=10, episode=i))
     with ReplaySampler(two_shards, 64, prefetch=0, index_refresh_s=3600.0, **HOST) as s:
         assert s.refresh_index() == 60
         assert s.metrics()["replay_sampler/mirror_units_used"] == 6 * 14
-        client = redis.Redis.from_url(two_shards[1])
+        client = redis_process.admin(db=1)  # convoy's own user may not flush
         client.flushdb()  # shard 1 restarts empty
         client.close()
         only1 = ReplayWriter(two_shards[1:], capacity=100_000)
@@ -247,3 +237,35 @@ def test_device_mirror_batches_live_on_the_gpu(redis_url: str) -> None:
             ep, t = int(img[b, 0, 0, 0]), int(img[b, 0, 0, 2])
             assert np.array_equal(img[b], segs[ep].frames[t : t + 4])
             assert batch.policy_version[b].item() == t + 7
+
+
+@pytest.mark.parametrize("mode", ["host", "off"])
+def test_nstep_batches_follow_the_window_rule_in_both_modes(two_shards: list[str], mode: str) -> None:
+    """n = 3 from the ring and from byte ranges: summed rewards, bootstrap discount and the
+    next observation t+k, with k cut at the segment's end (and no bootstrap after termination)."""
+    gamma, n = 0.9, 3
+    segs = [make_segment(t=2 + 3 * i, episode=i, index=i, terminated=i % 2 == 1) for i in range(5)]
+    w = ReplayWriter(two_shards, capacity=1000)
+    for seg in segs:
+        w.write(seg)
+    w.close()
+    with ReplaySampler(two_shards, 64, prefetch=0, seed=3, n_step=n, gamma=gamma, **mirror_kw(mode)) as s:
+        seen_cut = seen_full = 0
+        for _ in range(3):
+            batch = next(s)
+            for b in range(batch.size):
+                image = batch.image[b].numpy()
+                ep, t = int(image[0, 0, 0]), int(image[0, 0, 2])
+                seg = segs[ep]
+                k = min(n, seg.num_transitions - t)
+                seen_cut, seen_full = seen_cut + (k < n), seen_full + (k == n)
+                assert np.array_equal(image, seg.frames[t : t + 4])
+                assert np.array_equal(batch.next_image[b].numpy(), seg.frames[t + k : t + k + 4]), (ep, t, k)
+                assert np.array_equal(batch.next_vector[b].numpy(), seg.vectors[t + k])
+                expected = sum(gamma**j * float(seg.rewards[t + j]) for j in range(k))
+                assert batch.reward[b].item() == pytest.approx(expected, rel=1e-5)
+                ended = bool(seg.terminated[t + k - 1])
+                assert batch.discount is not None
+                assert batch.discount[b].item() == pytest.approx(0.0 if ended else gamma**k, rel=1e-6)
+                assert batch.terminated[b].item() == float(ended)
+        assert seen_cut and seen_full, "both full windows and windows cut by a segment's end were drawn"

@@ -4,6 +4,7 @@ shard loss, bad data, security and metrics."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -112,6 +113,45 @@ def test_sampled_transitions_match_the_source_bit_for_bit(redis_url: str, mode: 
         assert batch.reward[b].item() == pytest.approx(float(tr["reward"]))
         assert batch.terminated[b].item() == float(tr["terminated"])
         assert batch.policy_version[b].item() == pos + 7
+
+
+@pytest.mark.parametrize("end", ["terminated", "truncated", "cut"])
+def test_nstep_windows_match_the_source_by_hand(redis_url: str, end: str) -> None:
+    """n = 3, gamma 0.5 over segments of 5 steps whose last step terminates, truncates, or
+    neither (the episode goes on in the next segment: the window is cut there)."""
+    segs = []
+    for i in range(3):
+        seg = make_segment(t=5, episode=i, index=i, terminated=end == "terminated")
+        if end == "truncated":
+            seg = dataclasses.replace(seg, truncated=np.eye(5, dtype=bool)[4])
+        segs.append(seg)
+    w = ReplayWriter([redis_url], capacity=1000)
+    for s in segs:
+        w.write(s)
+    w.close()
+    seen = set()
+    with ReplaySampler([redis_url], 64, prefetch=0, seed=2, n_step=3, gamma=0.5) as sampler:
+        for _ in range(3):
+            batch = next(sampler)
+            assert batch.discount is not None and batch.frames is None
+            for b in range(batch.size):
+                img = batch.image[b].numpy()
+                seg, t = segs[int(img[0, 0, 0])], int(img[0, 0, 2])
+                seen.add(t)
+                k = min(3, 5 - t)
+                r = seg.rewards.astype(np.float64)
+                expected_sum = sum(0.5**j * r[t + j] for j in range(k))
+                terminated = end == "terminated" and t + k == 5
+                assert batch.reward[b].item() == pytest.approx(expected_sum, rel=1e-6)
+                assert batch.discount[b].item() == (0.0 if terminated else 0.5**k)
+                assert batch.terminated[b].item() == float(terminated)
+                assert np.array_equal(img, seg.frames[t : t + STACK])
+                assert np.array_equal(batch.next_image[b].numpy(), seg.frames[t + k : t + k + STACK])
+                assert np.array_equal(batch.next_vector[b].numpy(), seg.vectors[t + k])
+                assert np.array_equal(batch.vector[b].numpy(), seg.vectors[t])
+                assert np.array_equal(batch.action[b].numpy(), seg.actions[t])
+                assert batch.policy_version[b].item() == t + 7
+    assert seen == set(range(5)), "every position, cut windows included, was drawn"
 
 
 def test_embedded_like_frames_compress_far_below_naive() -> None:

@@ -27,16 +27,6 @@ from replay_service.writer import ReplayWriter
 from tests.test_replay import MODES, make_segment, mirror_kw
 
 
-@pytest.fixture
-def two_shards(redis_process: RedisShardProcess) -> list[str]:
-    """Two clean shards on one redis-server (databases 0 and 1): separate keys, separate epochs."""
-    urls = [redis_process.url.rsplit("/", 1)[0] + f"/{db}" for db in (0, 1)]
-    client = redis_process.admin()  # convoy's own user may not flush
-    client.flushall()
-    client.close()
-    return urls
-
-
 def _run(target: Callable[[], object], name: str) -> tuple[threading.Thread, list[BaseException]]:
     """Start ``target`` on a thread; exceptions it raises land in the returned list."""
     errors: list[BaseException] = []

@@ -289,3 +289,27 @@ def test_a_learner_that_sends_weight_bytes_is_refused(local_ray: None) -> None:
     sup, _made, _out = _supervisor("fine")
     with pytest.raises(TypeError, match="not an object reference"):
         sup._on_trained(0, ({"learner/updates_total": 1}, (1, b"weights")))
+
+
+def test_hold_sends_no_collect_or_train_call_until_it_ends(local_ray: None) -> None:
+    """run.eval_hold's mechanism: while ``hold()`` is True nothing new goes out; the calls
+    held back go out when it ends, and the run reaches its budget."""
+    sup, _, _ = _supervisor("ok", total=600)
+    state: dict[str, Any] = {"on": False, "t0": None, "mid": None, "t_mid": 0.0, "end": None}
+    sup.hold = lambda: bool(state["on"])
+
+    def on_tick(p: Progress) -> None:
+        now = time.monotonic()
+        if state["t0"] is None and p.env_steps >= 100:
+            state["on"], state["t0"] = True, now
+        elif state["on"] and state["mid"] is None and not sup._in_flight("collect") and not sup._in_flight("train"):
+            state["mid"], state["t_mid"] = (p.env_steps, p.updates), now  # calls in flight at the start ended
+        elif state["on"] and state["mid"] is not None and now - state["t_mid"] > 1.0:
+            state["end"] = (p.env_steps, p.updates)
+            state["on"] = False
+
+    sup.on_tick = on_tick
+    assert sup.run() == "budget"
+    sup.finish()
+    assert state["end"] is not None and state["mid"] == state["end"], state
+    assert sup.progress.env_steps >= 600

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from common.config import LearnerConfig
 from common.schema import Batch
 from learner import td3
 from learner.agent import TD3Agent
+from replay_service.window import nstep_window, window_steps
 from tests.fakes import random_batch
 
 
@@ -237,3 +239,98 @@ def test_cuda_path_bf16_fused_pinned(compile_: bool) -> None:
     torch.cuda.synchronize()
     assert agent.updates == 4
     assert all(torch.isfinite(v).all() for v in metrics.values())
+
+
+# ----- n-step returns (learner.n_step) -----------------------------------------------------
+
+# gamma 0.5 and rewards 1, 2, 4: the full 3-step sum is 1 + 0.5 * 2 + 0.25 * 4 = 3.
+_GAMMA = 0.5
+_REWARDS = [1.0, 2.0, 4.0]
+_TERM, _TRUNC = 1, 2
+
+
+def _window(flags: list[int], steps: int) -> tuple[float, float, int]:
+    s, d, k = nstep_window(np.array([_REWARDS]), np.array([flags], np.uint8), np.array([steps]), _GAMMA)
+    return float(s[0]), float(d[0]), int(k[0])
+
+
+def test_nstep_window_without_an_end_sums_n_rewards_and_bootstraps_gamma_n() -> None:
+    assert _window([0, 0, 0], 3) == (3.0, 0.125, 3)
+
+
+@pytest.mark.parametrize(("position", "expected"), [(0, (1.0, 0.0, 1)), (1, (2.0, 0.0, 2)), (2, (3.0, 0.0, 3))])
+def test_nstep_window_termination_stops_the_sum_and_never_bootstraps(
+    position: int, expected: tuple[float, float, int]
+) -> None:
+    flags = [0, 0, 0]
+    flags[position] = _TERM
+    assert _window(flags, 3) == expected
+
+
+@pytest.mark.parametrize(("position", "expected"), [(0, (1.0, 0.5, 1)), (1, (2.0, 0.25, 2)), (2, (3.0, 0.125, 3))])
+def test_nstep_window_truncation_stops_the_sum_and_bootstraps_there(
+    position: int, expected: tuple[float, float, int]
+) -> None:
+    flags = [0, 0, 0]
+    flags[position] = _TRUNC
+    assert _window(flags, 3) == expected
+
+
+@pytest.mark.parametrize(("steps", "expected"), [(1, (1.0, 0.5, 1)), (2, (2.0, 0.25, 2))])
+def test_nstep_window_cut_by_the_segment_end_bootstraps_like_a_truncation(
+    steps: int, expected: tuple[float, float, int]
+) -> None:
+    # Records past the segment's end hold whatever the buffer held: never read.
+    rewards = np.array([[1.0, 2.0, np.nan]])
+    rewards[0, steps:] = np.nan
+    flags = np.array([[0, 0, _TERM]], np.uint8)
+    s, d, k = nstep_window(rewards, flags, np.array([steps]), _GAMMA)
+    assert (float(s[0]), float(d[0]), int(k[0])) == expected
+
+
+def test_window_steps_is_what_the_segment_holds() -> None:
+    # A segment of 5 steps, n = 3: t = 0..2 full windows, t = 3 and 4 cut to 2 and 1.
+    assert window_steps(3, np.full(5, 5), np.arange(5)).tolist() == [3, 3, 3, 2, 1]
+
+
+def test_nstep_window_rejects_bad_shapes_and_steps() -> None:
+    with pytest.raises(ValueError, match="steps"):
+        nstep_window(np.zeros((2, 3)), np.zeros((2, 3), np.uint8), np.array([0, 3]), 0.9)
+    with pytest.raises(ValueError, match="flags"):
+        nstep_window(np.zeros((2, 3)), np.zeros((2, 2), np.uint8), np.array([1, 3]), 0.9)
+
+
+def test_nstep_td_target_by_hand() -> None:
+    # Windows from above: no end (3.0, 0.125), termination (2.0, 0), truncation at 1 (2.0, 0.25).
+    reward = torch.tensor([3.0, 2.0, 2.0])
+    discount = torch.tensor([0.125, 0.0, 0.25])
+    q1 = torch.tensor([8.0, 5.0, 4.0])
+    q2 = torch.tensor([16.0, 1.0, -4.0])
+    y = td3.nstep_td_target(reward, discount, q1, q2)
+    torch.testing.assert_close(y, torch.tensor([4.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match="discount shape"):
+        td3.nstep_td_target(reward, torch.zeros(2), q1, q2)
+
+
+def test_one_step_window_reproduces_the_one_step_target_exactly() -> None:
+    gen = torch.Generator().manual_seed(3)
+    reward = torch.randn(64, generator=gen)
+    terminated = (torch.rand(64, generator=gen) < 0.3).float()
+    q1, q2 = torch.randn(64, generator=gen) * 10, torch.randn(64, generator=gen) * 10
+    flags = (terminated.numpy().astype(np.uint8) * _TERM)[:, None]
+    s, d, k = nstep_window(reward.numpy()[:, None], flags, np.ones(64, np.int64), 0.99)
+    assert (k == 1).all()
+    one = td3.td_target(reward, terminated, q1, q2, 0.99)
+    nstep = td3.nstep_td_target(torch.from_numpy(s), torch.from_numpy(d), q1, q2)
+    torch.testing.assert_close(nstep, one, rtol=0, atol=0)
+
+
+def test_agent_uses_the_batch_discount_of_an_nstep_batch() -> None:
+    agent = TD3Agent(LearnerConfig(encoder="none", hidden_dim=16))
+    gen = torch.Generator().manual_seed(0)
+    batch = agent.prepare(random_batch(8, gen))
+    batch.discount = torch.zeros(8)  # every window terminated: the target is its reward sum
+    torch.testing.assert_close(agent.td_target(batch), batch.reward)
+    batch.discount = None
+    batch.terminated = torch.zeros(8)
+    assert not torch.allclose(agent.td_target(batch), batch.reward)

@@ -8,19 +8,27 @@ Three figures on the same machine, batch size and networks:
   sampler mode ``replay.mirror`` picks (``auto``: the resident mirror, on the GPU when there
   is one; pass ``replay.mirror=host`` or ``replay.mirror=off`` to measure another; the JSON
   says which ran as ``replay_mirror``);
-* ``baseline_updates_per_s``: :class:`StraightforwardTD3` below: the same networks and TD3
+* ``baseline_updates_per_s``: :class:`StraightforwardTD3` (deploy/bench/td3_baseline.py): the same networks and TD3
   math as a single-process implementation usually writes it (a float32 dict replay buffer in
   memory, indexing on the update thread, no prefetch, NCHW fp32, no compile, full backward
   of the actor loss through the critic).
 
 ``fed_ratio = fed / synthetic`` and ``speedup = fed / baseline``.
+
+``--variants before,after,bf16,batch256[,compile]`` adds ``variants``: fed updates/s of each
+learner setting, measured in the same run, in interleaved chunks (so a machine shared with
+other work loads every variant alike), from one shard: ``before`` is the learner as it used
+to pick its CPU threads (every core), ``after`` as configured now (threads tuned,
+learner/threads.py), ``bf16`` forces bf16 autocast, ``batch256`` is batch 256 (compare
+``samples_per_s``), ``compile`` turns on torch.compile (``setup_s`` includes its compile
+time). ``cpu`` reports the CPU model and the flags that decide precision and kernels.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import os
 import sys
 import tempfile
 import time
@@ -28,13 +36,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common.config import ConvoyConfig, load_config
-from common.networks import Actor, Critic
 from common.schema import Batch, Segment
-from common.sysutil import tune_malloc_for_bulk_buffers
+from common.sysutil import cpu_flags, tune_malloc_for_bulk_buffers
 from deploy.bench.data import record_segments
+from deploy.bench.td3_baseline import StraightforwardTD3
 from learner.agent import TD3Agent
 from learner.loop import Learner
 from replay_service.mirror import resolve_mode
@@ -105,82 +112,6 @@ class DeviceBatches:
 
     def close(self) -> None:
         self.batches.clear()
-
-
-# ----- the baseline --------------------------------------------------------------------------
-
-
-class StraightforwardTD3:
-    """Reference single-process TD3 with convoy's networks and math, written the usual way.
-
-    Replay is a dict of float32 arrays in memory (images scaled to [0, 1] at insert time),
-    sampled by fancy indexing on the update thread. No prefetch, no autocast, NCHW, no
-    compile; the actor loss backpropagates through the whole critic, as most TD3
-    implementations do, and the critic optimizer clears those gradients next step.
-    """
-
-    def __init__(self, cfg: ConvoyConfig, data: dict[str, np.ndarray], device: torch.device, seed: int = 0) -> None:
-        lc = cfg.learner
-        self.cfg, self.device = lc, device
-        self.buffer = {
-            "obs_image": data["image"].astype(np.float32) / 255.0,
-            "obs_vector": data["vector"].astype(np.float32),
-            "action": data["action"].astype(np.float32),
-            "reward": data["reward"].astype(np.float32),
-            "next_obs_image": data["next_image"].astype(np.float32) / 255.0,
-            "next_obs_vector": data["next_vector"].astype(np.float32),
-            "done": data["terminated"].astype(np.float32),
-        }
-        self.size = len(self.buffer["reward"])
-        self.rng = np.random.default_rng(seed)
-        self.actor = Actor(lc.encoder, lc.hidden_dim).to(device)
-        self.critic = Critic(lc.encoder, lc.hidden_dim).to(device)
-        self.actor_target = copy.deepcopy(self.actor)
-        self.critic_target = copy.deepcopy(self.critic)
-        self.actor_opt = torch.optim.Adam(
-            [
-                {"params": self.actor.encoder.parameters(), "lr": lc.actor_encoder_lr},
-                {"params": self.actor.head.parameters(), "lr": lc.actor_lr},
-            ]
-        )
-        self.critic_opt = torch.optim.Adam(
-            [
-                {"params": self.critic.encoder.parameters(), "lr": lc.critic_encoder_lr},
-                {"params": [*self.critic.q1.parameters(), *self.critic.q2.parameters()], "lr": lc.critic_lr},
-            ]
-        )
-        self.it = 0
-
-    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
-        idx = self.rng.integers(0, self.size, size=batch_size)
-        return {k: torch.as_tensor(v[idx], device=self.device) for k, v in self.buffer.items()}
-
-    def train_step(self, batch_size: int) -> None:
-        lc = self.cfg
-        self.it += 1
-        b = self.sample(batch_size)
-        with torch.no_grad():
-            noise = (torch.randn_like(b["action"]) * lc.target_noise).clamp(-lc.target_noise_clip, lc.target_noise_clip)
-            next_action = (self.actor_target(b["next_obs_image"], b["next_obs_vector"]) + noise).clamp(-1.0, 1.0)
-            tq1, tq2 = self.critic_target(b["next_obs_image"], b["next_obs_vector"], next_action)
-            target_q = b["reward"] + lc.gamma * (1.0 - b["done"]) * torch.min(tq1, tq2)
-        q1, q2 = self.critic(b["obs_image"], b["obs_vector"], b["action"])
-        critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
-        self.critic_opt.zero_grad()
-        critic_loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), lc.critic_grad_clip)
-        self.critic_opt.step()
-        if self.it % lc.policy_delay == 0:
-            actor_loss = -self.critic.q1_only(
-                b["obs_image"], b["obs_vector"], self.actor(b["obs_image"], b["obs_vector"])
-            ).mean()
-            self.actor_opt.zero_grad()
-            actor_loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.actor.parameters(), lc.actor_grad_clip)
-            self.actor_opt.step()
-            for net, target in ((self.critic, self.critic_target), (self.actor, self.actor_target)):
-                for p, tp in zip(net.parameters(), target.parameters(), strict=True):
-                    tp.data.copy_(lc.tau * p.data + (1 - lc.tau) * tp.data)
 
 
 # ----- the benchmark -------------------------------------------------------------------------
@@ -287,6 +218,72 @@ def _baseline_rate(
     return _rate(base, timing.chunk, min_seconds, 2 * timing.chunk, timing.warmup)
 
 
+VARIANTS: dict[str, list[str]] = {
+    "before": [f"learner.num_threads={os.cpu_count() or 1}"],
+    "after": [],
+    "bf16": ["learner.precision=bf16"],
+    "batch256": ["learner.batch_size=256"],
+    "compile": ["learner.compile=true"],
+}
+_REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_info() -> dict[str, object]:
+    """The CPU model and the feature flags that decide precision and kernel choice."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in _REPORTED_FLAGS if f in cpu_flags()]}
+
+
+def _variant_rates(
+    cfg: ConvoyConfig,
+    names: Sequence[str],
+    segments: Sequence[Segment],
+    timing: _Timing,
+    min_seconds: float,
+    replay_transitions: int,
+) -> dict[str, dict[str, float]]:
+    """Fed updates/s of each variant, in interleaved chunks over one shard."""
+    from deploy.run.placement import source_factory
+    from replay_service.shards import ShardSet
+
+    out: dict[str, dict[str, float]] = {}
+    learners: dict[str, Learner] = {}
+    with ShardSet(num_shards=1, executable=cfg.replay.redis_server) as shards, tempfile.TemporaryDirectory() as tmp:
+        _fill_replay(cfg, shards.urls, segments, replay_transitions)
+        for name in names:
+            vcfg = cfg.replace(*VARIANTS[name])
+            start = time.perf_counter()
+            learners[name] = Learner(vcfg, source_factory(vcfg, shards.urls, pin_memory=timing.cuda)(), f"{tmp}/{name}")
+            out[name] = {"batch_size": vcfg.learner.batch_size}
+            learners[name].train(timing.warmup)
+            threads = learners[name].threads
+            while threads is not None and threads.tuning:  # its thread trials are set-up, not measured
+                learners[name].train(1)
+            timing.sync()
+            out[name]["setup_s"] = time.perf_counter() - start
+            _say(f"  {name}: ready after {out[name]['setup_s']:.1f} s")
+        spent = dict.fromkeys(names, 0.0)
+        done = dict.fromkeys(names, 0)
+        while min(spent.values()) < min_seconds or min(done.values()) < 2 * timing.chunk:
+            for name in names:
+                start = time.perf_counter()  # each learner sets its own torch thread count
+                learners[name].train(timing.chunk)
+                timing.sync()
+                spent[name] += time.perf_counter() - start
+                done[name] += timing.chunk
+        for name, learner in learners.items():
+            out[name]["updates_per_s"] = done[name] / spent[name]
+            out[name]["samples_per_s"] = out[name]["updates_per_s"] * out[name]["batch_size"]
+            out[name]["threads"] = learner.threads.current if learner.threads is not None else torch.get_num_threads()
+            learner.close()
+    return out
+
+
 def run(
     device: str,
     batch_size: int,
@@ -294,6 +291,7 @@ def run(
     overrides: Sequence[str] = (),
     frames_steps: int = 3000,
     replay_transitions: int = 20_000,
+    variants: Sequence[str] = (),
 ) -> dict[str, object]:
     cfg = _bench_config(device, batch_size, replay_transitions, overrides)
     dev = torch.device(
@@ -317,6 +315,13 @@ def run(
     _say("baseline: straightforward TD3 with a float32 dict replay buffer ...")
     baseline_rate = _baseline_rate(cfg, data, timing, min_seconds, batch_size)
     _say(f"  {baseline_rate:.2f} updates/s")
+    extra: dict[str, object] = {}
+    if variants:
+        _say(f"variants, fed, interleaved: {', '.join(variants)} ...")
+        rates = _variant_rates(cfg, variants, segments, timing, min_seconds, replay_transitions)
+        extra["variants"] = rates
+        if "before" in rates and "after" in rates:
+            extra["after_vs_before"] = rates["after"]["updates_per_s"] / rates["before"]["updates_per_s"]
     return {
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if timing.cuda else "cpu",
@@ -333,6 +338,8 @@ def run(
         "speedup": fed_rate / baseline_rate,
         "data_wait_seconds_total": sampler_metrics.get("replay_sampler/wait_seconds_total", float("nan")),
         "replay_mirror": resolve_mode(cfg.replay.mirror, timing.cuda),
+        "cpu": cpu_info(),
+        **extra,
     }
 
 
@@ -341,6 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seconds", type=float, default=8.0, help="minimum measuring time per figure")
+    p.add_argument(
+        "--variants",
+        default="",
+        help=f"comma-separated learner settings to compare fed and interleaved: {', '.join(VARIANTS)}",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument(
         "overrides", nargs="*", help="config overrides, e.g. learner.compile=true learner.encoder=nature_maxpool"
@@ -349,7 +361,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_malloc_for_bulk_buffers()  # as the learner process does (learner.remote)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine")
-    result = run(args.device, args.batch_size, args.seconds, args.overrides)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    result = run(args.device, args.batch_size, args.seconds, args.overrides, variants=variants)
     if args.json:
         print(json.dumps(result))
     else:

@@ -12,7 +12,10 @@ should not change much, since the replay ratio is held by the rate limiter).
 
 Evaluations are scheduled in learner updates (``run.eval_every_updates``); with the rate
 limiter on, ``--eval-every`` env steps is ``eval_every * samples_per_insert / batch_size``
-updates, counted from the end of the random warm-up (``collector.start_steps``).
+updates, counted from the end of the random warm-up (``collector.start_steps``). The bench
+sets ``run.eval_hold``: collectors and the learner wait while an evaluation is due or runs,
+so evaluations come at exactly that cadence instead of being skipped while the evaluator is
+busy; the seconds reported leave the time held out.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def summarize_run(history: list[dict[str, Any]], target: float = TARGET_ROUTE_CO
     final = history[-1]
     return {
         "steps_to_target": int(reached["env_steps"]) if reached else None,
-        "seconds_to_target": round(float(reached["elapsed_s"]), 1) if reached else None,
+        "seconds_to_target": round(_seconds(reached), 1) if reached else None,
         "final_env_steps": int(final["env_steps"]),
         "final_route_completion": float(final["eval/route_completion"]),
         "final_success_rate": float(final["eval/success_rate"]),
@@ -74,7 +77,7 @@ def summarize_run(history: list[dict[str, Any]], target: float = TARGET_ROUTE_CO
         "evaluations": [
             {
                 "env_steps": int(r["env_steps"]),
-                "seconds": round(float(r["elapsed_s"]), 1),
+                "seconds": round(_seconds(r), 1),
                 "route_completion": round(float(r["eval/route_completion"]), 4),
                 "success_rate": float(r["eval/success_rate"]),
                 "return": round(float(r["eval/return"]), 3),
@@ -82,6 +85,11 @@ def summarize_run(history: list[dict[str, Any]], target: float = TARGET_ROUTE_CO
             for r in history
         ],
     }
+
+
+def _seconds(record: dict[str, Any]) -> float:
+    """Wall seconds of training up to an evaluation, the time held for evaluations left out."""
+    return float(record["elapsed_s"]) - float(record.get("held_s", 0.0))
 
 
 def _median(values: list[float | int | None]) -> float | None:
@@ -118,6 +126,8 @@ def learning_run_config(
             f"run.total_env_steps={env_steps}",
             f"run.max_seconds={max_seconds}",
             f"run.out_dir={run_dir}",
+            # Evaluations at their exact cadence: collection and learning wait while one is due.
+            "run.eval_hold=true",
         ],
     )
     return cfg.replace(f"run.eval_every_updates={eval_every_updates(cfg, eval_every)}")

@@ -131,4 +131,5 @@ def _supervisor(
         on_tick=on_tick,
     )
     supervisor.shard_ports = placed.shard_ports
+    supervisor.hold = lambda: evals.holding(progress.updates)
     return supervisor

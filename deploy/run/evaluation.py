@@ -16,7 +16,10 @@ read back from the run at start) and works the same on any storage URI.
 
 The driver calls :meth:`EvalScheduler.maybe_submit` and :meth:`EvalScheduler.poll` once per
 loop iteration; neither waits on Ray (one evaluation in flight at a time; a due evaluation
-is skipped, not queued, while one runs), so collectors and the learner are never held up.
+is skipped, not queued, while one runs, and counted as ``eval/skipped_total``), so in
+training collectors and the learner are never held up. A benchmark that needs evaluations at
+their exact cadence sets ``run.eval_hold``: the supervisor then asks :meth:`EvalScheduler.holding`
+before each call it hands out and sends none while an evaluation is due or running.
 """
 
 from __future__ import annotations
@@ -110,6 +113,10 @@ class EvalScheduler:
         self.best_score = score(best[1]) if best else (-math.inf, -math.inf)
         self.last: dict[str, Any] | None = self.history[-1] if self.history else None
         self.failures_total = 0
+        self.skipped_total = 0  # due evaluations passed over while one was running
+        self.hold = cfg.run.eval_hold
+        self.held_s = 0.0  # seconds the run was held for evaluations (run.eval_hold)
+        self._held_since: float | None = None
         self._ckpt_ref: Any = None
         self._eval_ref: Any = None
         self._pending: dict[str, Any] = {}
@@ -134,10 +141,35 @@ class EvalScheduler:
         """If an evaluation is due and none is running, ask ``learner`` for a checkpoint."""
         if not self.enabled or self.busy or updates < self.next_due:
             return False
+        # Every multiple of eval_every_updates passed since the due one was skipped.
+        skipped = updates // self.every - self.next_due // self.every
+        if skipped > 0:
+            self.skipped_total += skipped
+            log.warning(
+                "%d evaluation(s) skipped: the evaluator was still busy (%d so far)", skipped, self.skipped_total
+            )
         self.next_due = (updates // self.every + 1) * self.every
-        self._pending = {"updates": updates, "env_steps": env_steps, "elapsed_s": time.monotonic() - self.start}
+        self._pending = {
+            "updates": updates,
+            "env_steps": env_steps,
+            "elapsed_s": time.monotonic() - self.start,
+            "held_s": self.held_s,
+        }
         self._ckpt_ref = learner.checkpoint.remote(env_steps)
         return True
+
+    def holding(self, updates: int) -> bool:
+        """With ``run.eval_hold``: True while an evaluation is due or running, so the supervisor
+        hands out no collect or train call and the evaluation lands at its exact cadence. The
+        time held is kept (``held_s`` of each record) so benchmarks can leave it out."""
+        held = self.hold and self.enabled and (self.busy or updates >= self.next_due)
+        now = time.monotonic()
+        if held and self._held_since is None:
+            self._held_since = now
+        elif not held and self._held_since is not None:
+            self.held_s += now - self._held_since
+            self._held_since = None
+        return held
 
     def poll(self) -> dict[str, Any] | None:
         """Advance the evaluation in flight; the finished record when one completes, else None."""
@@ -212,6 +244,7 @@ class EvalScheduler:
         """The newest evaluation's metrics (for the progress line, metrics and summary.json)."""
         out: dict[str, float] = {"eval/evaluations_total": float(len(self.history))}
         out["eval/failures_total"] = float(self.failures_total)
+        out["eval/skipped_total"] = float(self.skipped_total)
         if self.last is not None:
             out.update({k: float(v) for k, v in self.last.items() if k.startswith("eval/")})
             out["eval/best_route_completion"] = self.best_score[0]
@@ -220,11 +253,12 @@ class EvalScheduler:
 
     def short(self) -> str:
         """A few characters for the progress line."""
+        skipped = f" skipped {self.skipped_total}" if self.skipped_total else ""
         if self.last is None:
-            return "eval -"
+            return "eval -" + skipped
         return (
             f"eval rc {self.last['eval/route_completion']:.2f} ok {self.last['eval/success_rate']:.2f} "
-            f"(best {self.best_score[0]:.2f})"
+            f"(best {self.best_score[0]:.2f})" + skipped
         )
 
     def close(self) -> None:

@@ -70,6 +70,8 @@ def source_factory(
         segment_length=cfg.collector.segment_length,
         device=(cfg.learner.device if cfg.learner.device != "auto" else "cuda") if pin_memory else "cpu",
         shard_table=shard_table,
+        n_step=cfg.learner.n_step,
+        gamma=cfg.learner.gamma,
     )
 
 

@@ -122,6 +122,10 @@ class Supervisor:
         self.make_control = make_control
         self.restore_path = restore_path
         self.on_tick = on_tick
+        # True while no collect or train call may be handed out (run.eval_hold: an evaluation
+        # is due or running); the calls it held back go out once it turns False.
+        self.hold: Callable[[], bool] = lambda: False
+        self._held: set[int] = set()
         self.slots: dict[int, Slot] = {}
         self.wanted = cfg.collector.num_collectors
         self.pending: dict[Any, tuple[str, int, Any]] = {}
@@ -216,6 +220,9 @@ class Supervisor:
         steps = min(self.cfg.collector.steps_per_call, total - self.progress.env_steps - self.in_flight_steps)
         if steps <= 0 or slot.retiring or not slot.live:
             return
+        if self.hold():
+            self._held.add(slot.index)
+            return
         send = self.weights.take(slot.index)
         ref = slot.actor.collect.remote(steps, self.progress.env_steps + self.in_flight_steps, send)
         slot.busy_steps = steps
@@ -253,6 +260,8 @@ class Supervisor:
     # ----- learner ----------------------------------------------------------------------
 
     def submit_train(self) -> None:
+        if self.hold():
+            return  # the loop submits it once the hold ends
         ref = self.learner.train.remote(self.cfg.learner.updates_per_call, self.progress.env_steps)
         self.pending[ref] = ("train", self.learner_generation, self.learner)
 
@@ -462,6 +471,11 @@ class Supervisor:
             busy_from = time.perf_counter()  # the loop's own work, not its wait (run/driver_loop_*)
             for ref in done:
                 self._handle(ref)
+            if self._held and not self.hold():
+                for index in sorted(self._held):
+                    if index in self.slots and not self.slots[index].busy_steps:
+                        self.submit_collect(self.slots[index])
+                self._held.clear()
             if self.learner_live and not self._in_flight("train"):
                 self.submit_train()
             self.progress.collectors_live = sum(s.live for s in self.slots.values() if not s.retiring)
