@@ -19,6 +19,17 @@ import torch
 
 from actors.carla.errors import RecoverableEnv, SimulatorCrashed, SimulatorUnavailable
 from actors.envs.driving import DRIVING_PREFIX
+from actors.metric_keys import (
+    COLLECTOR_ACTING_SINCE,
+    COLLECTOR_ENV_STEPS_TOTAL,
+    COLLECTOR_EPISODES_TOTAL,
+    COLLECTOR_LAST_ACTING_VERSION,
+    COLLECTOR_LAST_EPISODE_RETURN,
+    COLLECTOR_MEAN_RETURN,
+    COLLECTOR_ROUTE_COMPLETION,
+    COLLECTOR_SUCCESS_RATE,
+    COLLECTOR_WEIGHTS_VERSION,
+)
 from actors.segments import SegmentBuilder
 from common.config import ConvoyConfig
 from common.metrics import Latency
@@ -32,20 +43,6 @@ log = logging.getLogger(__name__)
 # Crashes in a row (no successful step between) before the collector gives up and lets Ray
 # restart it; a server manager usually gives up first (carla.max_restarts).
 MAX_CONSECUTIVE_CRASHES = 10
-
-# Metric keys of Collector.metrics() that other components read (the run supervisor's
-# progress and replacement checks, the training curves).
-COLLECTOR_ENV_STEPS_TOTAL = "collector/env_steps_total"
-COLLECTOR_EPISODES_TOTAL = "collector/episodes_total"
-COLLECTOR_WEIGHTS_VERSION = "collector/weights_version"
-COLLECTOR_LAST_ACTING_VERSION = "collector/last_acting_version"
-# Wall time (unix seconds) of the first step acted with the newest weight version: the end of
-# that version's fan-out to this collector (deploy/run/timing.py).
-COLLECTOR_ACTING_SINCE = "collector/acting_version_timestamp_seconds"
-COLLECTOR_LAST_EPISODE_RETURN = "collector/last_episode_return"
-COLLECTOR_MEAN_RETURN = "collector/mean_return"
-COLLECTOR_ROUTE_COMPLETION = "collector/route_completion"
-COLLECTOR_SUCCESS_RATE = "collector/success_rate"
 
 
 def collector_noise_std(cfg: ConvoyConfig, collector_id: int) -> float:

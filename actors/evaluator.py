@@ -28,6 +28,17 @@ import numpy as np
 import torch
 
 from actors.envs.driving import DRIVING_PREFIX
+from actors.metric_keys import (
+    EVAL_COLLISION_RATE,
+    EVAL_EPISODE_STEPS,
+    EVAL_OFF_ROAD_RATE,
+    EVAL_PREFIX,
+    EVAL_RETURN,
+    EVAL_RETURN_MIN,
+    EVAL_ROUTE_COMPLETION,
+    EVAL_SUCCESS_RATE,
+    EVAL_WEIGHTS_VERSION,
+)
 from actors.video import EpisodeRecorder, publish_run_video
 from common.config import ConvoyConfig
 from common.networks import Actor
@@ -40,18 +51,8 @@ log = logging.getLogger(__name__)
 # embedded env; CARLA's leaderboard-style "driving/*" metrics are averaged as well).
 ENDINGS = ("route_completed", "collision", "off_road", "time_limit")
 
-# Metric keys of Evaluator.evaluate() that other components read (the eval scheduler's
-# choice of the best checkpoint, the training curves, `convoy evaluate`, the learning bench).
-EVAL_PREFIX = "eval/"
-EVAL_RETURN = "eval/return"
-EVAL_RETURN_MIN = "eval/return_min"
-EVAL_ROUTE_COMPLETION = "eval/route_completion"
-EVAL_SUCCESS_RATE = "eval/success_rate"
-EVAL_COLLISION_RATE = "eval/collision_rate"
-EVAL_OFF_ROAD_RATE = "eval/off_road_rate"
-EVAL_EPISODE_STEPS = "eval/episode_steps"
-EVAL_WEIGHTS_VERSION = "eval/weights_version"
-EVAL_DRIVING_PREFIX = EVAL_PREFIX + DRIVING_PREFIX  # the env's "driving/*" episode metrics, averaged
+# The env's "driving/*" episode metrics, averaged (the other keys: actors/metric_keys.py).
+EVAL_DRIVING_PREFIX = EVAL_PREFIX + DRIVING_PREFIX
 
 
 class Evaluator:

@@ -9,15 +9,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from replay_service.metric_keys import CORRUPT_TOTAL, SAMPLED_TRANSITIONS_TOTAL
 from replay_service.shards import ShardHealth, ShardStats
 
 log = logging.getLogger("replay_service.sampler")
-
-# Metric keys the control plane and the benchmarks read (run progress, replay size, data wait).
-SIZE = "replay_sampler/size"
-SAMPLED_TRANSITIONS_TOTAL = "replay_sampler/sampled_transitions_total"
-CORRUPT_TOTAL = "replay_sampler/corrupt_total"
-WAIT_SECONDS_TOTAL = "replay_sampler/wait_seconds_total"
 
 
 class LogOnce:

@@ -14,11 +14,9 @@ import time
 
 from replay_service.errors import ShardError
 from replay_service.launcher import RedisShardProcess
+from replay_service.metric_keys import RESTARTS_TOTAL
 
 log = logging.getLogger(__name__)
-
-# Metric key the control plane reads (it counts shard restarts into the run's restarts).
-RESTARTS_TOTAL = "replay_shard/restarts_total"
 
 
 class ShardOwner:

@@ -42,9 +42,10 @@ import torch
 
 from common.schema import FRAME_SHAPE, STACK, Batch
 from replay_service.codec import RECORD_DTYPE, TERMINATED, CorruptSegmentError, decode_batch
-from replay_service.counters import SIZE, WAIT_SECONDS_TOTAL, LogOnce, ShardCounters, shard_metrics
+from replay_service.counters import LogOnce, ShardCounters, shard_metrics
 from replay_service.errors import SampleError, ShardAuthError, ShardUnavailable
 from replay_service.index import IndexRefresher, ShardIndex, Snapshot
+from replay_service.metric_keys import SIZE, WAIT_SECONDS_TOTAL
 from replay_service.mirror import ResidentMirror, check_memory, mirror_units, resolve_mode
 from replay_service.ratelimit import SampleToInsertRatio, poll_counters
 from replay_service.shards import ShardClient, ShardHealth, ShardStats, check_shards_at_start

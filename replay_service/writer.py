@@ -13,16 +13,12 @@ from common.metrics import Latency
 from common.schema import Segment
 from replay_service.codec import FrameCodec, encode_segment
 from replay_service.errors import ShardAuthError, ShardUnavailable, ShardWriteError
+from replay_service.metric_keys import BYTES_TOTAL, DROPPED_TRANSITIONS_TOTAL, TRANSITIONS_TOTAL
 from replay_service.ratelimit import SampleToInsertRatio, poll_counters
 from replay_service.shards import ShardClient, ShardHealth, ShardStats, check_shards_at_start
 from replay_service.table import GONE, ShardTable, TableFollower
 
 log = logging.getLogger(__name__)
-
-# Metric keys the control plane reads (run totals and progress).
-BYTES_TOTAL = "replay_writer/bytes_total"
-TRANSITIONS_TOTAL = "replay_writer/transitions_total"
-DROPPED_TRANSITIONS_TOTAL = "replay_writer/dropped_transitions_total"
 
 
 @dataclass

@@ -44,6 +44,7 @@ from deploy.bench.data import record_segments
 from deploy.bench.td3_baseline import StraightforwardTD3
 from learner.agent import TD3Agent
 from learner.loop import Learner
+from replay_service.metric_keys import WAIT_SECONDS_TOTAL
 from replay_service.mirror import resolve_mode
 
 log = sys.stderr
@@ -336,7 +337,7 @@ def run(
         "fed_ratio": fed_rate / synthetic_rate,
         "baseline_updates_per_s": baseline_rate,
         "speedup": fed_rate / baseline_rate,
-        "data_wait_seconds_total": sampler_metrics.get("replay_sampler/wait_seconds_total", float("nan")),
+        "data_wait_seconds_total": sampler_metrics.get(WAIT_SECONDS_TOTAL, float("nan")),
         "replay_mirror": resolve_mode(cfg.replay.mirror, timing.cuda),
         "cpu": cpu_info(),
         **extra,

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+from actors.metric_keys import EVAL_COLLISION_RATE, EVAL_RETURN, EVAL_ROUTE_COMPLETION, EVAL_SUCCESS_RATE
 from common.config import ConfigError, ConvoyConfig, load_config
 
 TARGET_ROUTE_COMPLETION = 0.9
@@ -64,23 +65,23 @@ def summarize_run(history: list[dict[str, Any]], target: float = TARGET_ROUTE_CO
     """Per-run figures from a run's evaluation records (oldest first)."""
     if not history:
         raise RuntimeError("the run wrote no evaluation records (eval.jsonl is empty)")
-    reached = next((r for r in history if r["eval/route_completion"] >= target), None)
+    reached = next((r for r in history if r[EVAL_ROUTE_COMPLETION] >= target), None)
     final = history[-1]
     return {
         "steps_to_target": int(reached["env_steps"]) if reached else None,
         "seconds_to_target": round(_seconds(reached), 1) if reached else None,
         "final_env_steps": int(final["env_steps"]),
-        "final_route_completion": float(final["eval/route_completion"]),
-        "final_success_rate": float(final["eval/success_rate"]),
-        "final_return": float(final["eval/return"]),
-        "final_collision_rate": float(final["eval/collision_rate"]),
+        "final_route_completion": float(final[EVAL_ROUTE_COMPLETION]),
+        "final_success_rate": float(final[EVAL_SUCCESS_RATE]),
+        "final_return": float(final[EVAL_RETURN]),
+        "final_collision_rate": float(final[EVAL_COLLISION_RATE]),
         "evaluations": [
             {
                 "env_steps": int(r["env_steps"]),
                 "seconds": round(_seconds(r), 1),
-                "route_completion": round(float(r["eval/route_completion"]), 4),
-                "success_rate": float(r["eval/success_rate"]),
-                "return": round(float(r["eval/return"]), 3),
+                "route_completion": round(float(r[EVAL_ROUTE_COMPLETION]), 4),
+                "success_rate": float(r[EVAL_SUCCESS_RATE]),
+                "return": round(float(r[EVAL_RETURN]), 3),
             }
             for r in history
         ],

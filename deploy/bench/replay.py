@@ -39,6 +39,7 @@ import redis
 from common.schema import ACTION_DIM, FRAME_SHAPE, STACK, VECTOR_DIM, Segment
 from common.sysutil import tune_malloc_for_bulk_buffers
 from replay_service.launcher import RedisShardProcess
+from replay_service.metric_keys import CORRUPT_TOTAL
 from replay_service.sampler import ReplaySampler
 from replay_service.shards import K_BYTES, connect
 from replay_service.writer import ReplayWriter
@@ -245,7 +246,7 @@ def _sample_rates(
             seconds,
             repeats,
         )
-        corrupt = sampler.metrics()["replay_sampler/corrupt_total"] + mirror.metrics()["replay_sampler/corrupt_total"]
+        corrupt = sampler.metrics()[CORRUPT_TOTAL] + mirror.metrics()[CORRUPT_TOTAL]
     finally:
         sampler.close()
         mirror.close()

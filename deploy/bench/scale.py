@@ -34,10 +34,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from actors.metric_keys import COLLECTOR_ENV_STEPS_TOTAL, COLLECTOR_LAST_ACTING_VERSION
 from common.config import ConvoyConfig, load_config
 from deploy.bench.learning import _collector_counts
 from deploy.run.progress import Progress
 from deploy.run.timing import quantile
+from learner.metric_keys import (
+    DATA_WAIT_SECONDS_TOTAL_KEY,
+    TRAIN_SECONDS_TOTAL_KEY,
+    UPDATES_TOTAL_KEY,
+    WEIGHTS_VERSION_KEY,
+)
+from replay_service.metric_keys import BYTES_TOTAL, TRANSITIONS_TOTAL
 
 # A paced, CARLA-shaped simulator, no evaluation, no metrics export, the policy from the start.
 DEFAULTS = (
@@ -94,9 +102,9 @@ class Window:
             return
         for index, metrics in progress.collector.items():
             seen = self.reports.setdefault(index, [])
-            steps = metrics.get("collector/env_steps_total", 0.0)
-            if not seen or steps != seen[-1][1].get("collector/env_steps_total"):
-                if seen and steps < seen[-1][1].get("collector/env_steps_total", 0.0):
+            steps = metrics.get(COLLECTOR_ENV_STEPS_TOTAL, 0.0)
+            if not seen or steps != seen[-1][1].get(COLLECTOR_ENV_STEPS_TOTAL):
+                if seen and steps < seen[-1][1].get(COLLECTOR_ENV_STEPS_TOTAL, 0.0):
                     seen.clear()  # a replacement: its counters start again
                 seen.append((now, dict(metrics)))
         if now - self.start >= self.seconds:
@@ -107,7 +115,7 @@ class Window:
         return {s.index: s.pid for s in self.supervisor.slots.values() if s.live and s.pid}
 
     def _warm(self, progress: Progress, now: float) -> None:
-        acting = [m.get("collector/last_acting_version", 0) > 0 for m in progress.collector.values()]
+        acting = [m.get(COLLECTOR_LAST_ACTING_VERSION, 0) > 0 for m in progress.collector.values()]
         if self.ready_at is None:
             if progress.collectors_live == self.collectors and len(acting) == self.collectors and all(acting):
                 self.ready_at = now
@@ -134,21 +142,21 @@ class Window:
         pids = self._pids()
         cpu = {i: proc_cpu_seconds(pid) - self.start_cpu[i] for i, pid in pids.items() if i in self.start_cpu}
         rss = {i: proc_rss_mb(pid) for i, pid in pids.items()}
-        steps_per_s = self._rate("collector/env_steps_total")
+        steps_per_s = self._rate(COLLECTOR_ENV_STEPS_TOTAL)
         learner0, learner1 = self.start_learner, progress.learner
 
         def delta(key: str) -> float:
             return learner1.get(key, 0.0) - learner0.get(key, 0.0)
 
-        train_s, wait_s = delta("learner/train_seconds_total"), delta("learner/data_wait_seconds_total")
+        train_s, wait_s = delta(TRAIN_SECONDS_TOTAL_KEY), delta(DATA_WAIT_SECONDS_TOTAL_KEY)
         fanout = progress.fanout.since(self.start)
         loop = progress.loop_times.since(self.start)
         return {
             "window_s": round(dt, 2),
             "env_steps_per_s": round(steps_per_s, 2),
-            "inserted_transitions_per_s": round(self._rate("replay_writer/transitions_total"), 2),
-            "inserted_bytes_per_s": round(self._rate("replay_writer/bytes_total"), 1),
-            "updates_per_s": round(delta("learner/updates_total") / dt, 3),
+            "inserted_transitions_per_s": round(self._rate(TRANSITIONS_TOTAL), 2),
+            "inserted_bytes_per_s": round(self._rate(BYTES_TOTAL), 1),
+            "updates_per_s": round(delta(UPDATES_TOTAL_KEY) / dt, 3),
             "fed_ratio": round((train_s - wait_s) / train_s, 4) if train_s > 0 else None,
             "fanout_p50_s": _round(quantile(fanout, 0.5)),
             "fanout_max_s": _round(max(fanout) if fanout else float("nan")),
@@ -159,7 +167,7 @@ class Window:
             "collector_rss_mb": {str(i): round(v, 1) for i, v in sorted(rss.items())},
             "collector_rss_mb_total": round(sum(rss.values()), 1),
             "collector_cpu_us_per_step": round(sum(cpu.values()) / dt / steps_per_s * 1e6, 1) if steps_per_s else None,
-            "weights_version": int(learner1.get("learner/weights_version", 0)),
+            "weights_version": int(learner1.get(WEIGHTS_VERSION_KEY, 0)),
         }
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from actors.metric_keys import EVAL_EPISODE_STEPS, EVAL_RETURN, EVAL_RETURN_MIN, EVAL_ROUTE_COMPLETION
 from deploy.cli.base import Subparsers, positive_int
 
 
@@ -109,10 +110,10 @@ def evaluate(
     rates = {k.split("/", 1)[1]: v for k, v in out.items() if k.endswith("_rate") or k.startswith("eval/driving/")}
     return {
         "episodes": episodes,
-        "mean_return": out["eval/return"],
-        "min_return": out["eval/return_min"],
-        "route_completion": out["eval/route_completion"],
-        "mean_episode_steps": out["eval/episode_steps"],
+        "mean_return": out[EVAL_RETURN],
+        "min_return": out[EVAL_RETURN_MIN],
+        "route_completion": out[EVAL_ROUTE_COMPLETION],
+        "mean_episode_steps": out[EVAL_EPISODE_STEPS],
         **rates,
         "checkpoint": path,
         "updates": data.updates,

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from actors.metric_keys import EVAL_PREFIX, EVAL_RETURN, EVAL_ROUTE_COMPLETION
 from common.config import ConvoyConfig
 from common.storage import basename, open_store
 from common.weights import ActorCheckpoint
@@ -46,8 +47,8 @@ HISTORY = "eval.jsonl"
 
 def score(metrics: dict[str, Any]) -> tuple[float, float]:
     """What "best" maximises: route completion first, then return (ties broken by return)."""
-    rc = float(metrics.get("eval/route_completion", -math.inf))
-    ret = float(metrics.get("eval/return", -math.inf))
+    rc = float(metrics.get(EVAL_ROUTE_COMPLETION, -math.inf))
+    ret = float(metrics.get(EVAL_RETURN, -math.inf))
     return (rc if math.isfinite(rc) else -math.inf, ret if math.isfinite(ret) else -math.inf)
 
 
@@ -246,7 +247,7 @@ class EvalScheduler:
         out["eval/failures_total"] = float(self.failures_total)
         out["eval/skipped_total"] = float(self.skipped_total)
         if self.last is not None:
-            out.update({k: float(v) for k, v in self.last.items() if k.startswith("eval/")})
+            out.update({k: float(v) for k, v in self.last.items() if k.startswith(EVAL_PREFIX)})
             out["eval/best_route_completion"] = self.best_score[0]
             out["eval/best_return"] = self.best_score[1]
         return out
@@ -292,7 +293,7 @@ class EvalScheduler:
         self._evaluated.add(uri)
         if score(record) > self.best_score:
             try:
-                mark_best(self.run_uri, uri, {k: v for k, v in record.items() if k.startswith("eval/")})
+                mark_best(self.run_uri, uri, {k: v for k, v in record.items() if k.startswith(EVAL_PREFIX)})
                 self.best_score, self.best_name = score(record), basename(uri)
                 record["best"] = True
             except CheckpointError as exc:  # e.g. pruned before the evaluation finished

@@ -13,7 +13,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.metric_keys import (
+    COLLECTOR_ENV_STEPS_TOTAL,
+    COLLECTOR_EPISODES_TOTAL,
+    COLLECTOR_LAST_ACTING_VERSION,
+    COLLECTOR_LAST_EPISODE_RETURN,
+)
 from deploy.run.timing import FanoutClock, RecentDurations
+from learner.metric_keys import CRITIC_LOSS_KEY, UPDATES_TOTAL_KEY, WEIGHTS_VERSION_KEY
+from replay_service.metric_keys import (
+    BYTES_TOTAL,
+    CORRUPT_TOTAL,
+    DROPPED_TRANSITIONS_TOTAL,
+    RESTARTS_TOTAL,
+    SAMPLED_TRANSITIONS_TOTAL,
+    SIZE,
+    TRANSITIONS_TOTAL,
+)
 
 
 @dataclass
@@ -50,11 +66,11 @@ class Progress:
     _last_updates: int = 0
 
     _SUMMED = (
-        "collector/env_steps_total",
-        "collector/episodes_total",
-        "replay_writer/bytes_total",
-        "replay_writer/transitions_total",
-        "replay_writer/dropped_transitions_total",
+        COLLECTOR_ENV_STEPS_TOTAL,
+        COLLECTOR_EPISODES_TOTAL,
+        BYTES_TOTAL,
+        TRANSITIONS_TOTAL,
+        DROPPED_TRANSITIONS_TOTAL,
     )
 
     def _sum(self, key: str) -> float:
@@ -68,8 +84,8 @@ class Progress:
 
     def shard_reported(self, index: int, result: dict[str, float]) -> bool:
         """Keep shard ``index``'s newest dict; True when its redis-server restarted since the last."""
-        prev = self.shards.get(index, {}).get("replay_shard/restarts_total", 0)
-        now = result.get("replay_shard/restarts_total", 0)
+        prev = self.shards.get(index, {}).get(RESTARTS_TOTAL, 0)
+        now = result.get(RESTARTS_TOTAL, 0)
         if now > prev:
             self.counts.shard_restarts += int(now - prev)
         self.shards[index] = result
@@ -77,7 +93,7 @@ class Progress:
 
     @property
     def env_steps(self) -> int:
-        return self.base_env_steps + int(self._sum("collector/env_steps_total"))
+        return self.base_env_steps + int(self._sum(COLLECTOR_ENV_STEPS_TOTAL))
 
     def resumed_from(self, env_steps: int, updates: int) -> None:
         self.base_env_steps = self._last_steps = env_steps
@@ -85,37 +101,37 @@ class Progress:
 
     @property
     def updates(self) -> int:
-        return int(self.learner.get("learner/updates_total", self.base_updates))
+        return int(self.learner.get(UPDATES_TOTAL_KEY, self.base_updates))
 
     def summary(self) -> dict[str, float]:
         returns = [
-            m["collector/last_episode_return"]
+            m[COLLECTOR_LAST_EPISODE_RETURN]
             for m in self.collector.values()
-            if not math.isnan(m.get("collector/last_episode_return", math.nan))
+            if not math.isnan(m.get(COLLECTOR_LAST_EPISODE_RETURN, math.nan))
         ]
         elapsed = time.monotonic() - self.start
         new_steps = self.env_steps - self.base_env_steps
-        written = self._sum("replay_writer/transitions_total")
-        sampled = self.learner.get("replay_sampler/sampled_transitions_total", 0.0)
+        written = self._sum(TRANSITIONS_TOTAL)
+        sampled = self.learner.get(SAMPLED_TRANSITIONS_TOTAL, 0.0)
         loop_p50, loop_p99 = self.loop_times.p50_p99()
         fanout_p50, fanout_max = self.fanout.p50_max()
         return {
             "run/env_steps_total": self.env_steps,
             "run/updates_total": self.updates,
-            "run/episodes_total": self._sum("collector/episodes_total"),
+            "run/episodes_total": self._sum(COLLECTOR_EPISODES_TOTAL),
             "run/elapsed_seconds": elapsed,
             "run/env_steps_per_s": new_steps / max(elapsed, 1e-9),
             "run/updates_per_s": (self.updates - self.base_updates) / max(elapsed, 1e-9),
-            "run/replay_size": self.learner.get("replay_sampler/size", 0),
-            "run/weights_version": self.learner.get("learner/weights_version", 0),
+            "run/replay_size": self.learner.get(SIZE, 0),
+            "run/weights_version": self.learner.get(WEIGHTS_VERSION_KEY, 0),
             "run/max_acting_version": max(
-                (m.get("collector/last_acting_version", 0) for m in self.collector.values()), default=0
+                (m.get(COLLECTOR_LAST_ACTING_VERSION, 0) for m in self.collector.values()), default=0
             ),
             "run/last_episode_return": returns[-1] if returns else math.nan,
-            "run/replay_bytes_written_total": self._sum("replay_writer/bytes_total"),
+            "run/replay_bytes_written_total": self._sum(BYTES_TOTAL),
             "run/replay_transitions_written_total": written,
-            "run/dropped_transitions_total": self._sum("replay_writer/dropped_transitions_total"),
-            "run/corrupt_segments_total": self.learner.get("replay_sampler/corrupt_total", 0.0),
+            "run/dropped_transitions_total": self._sum(DROPPED_TRANSITIONS_TOTAL),
+            "run/corrupt_segments_total": self.learner.get(CORRUPT_TOTAL, 0.0),
             # Measured replay ratio: sampled per transition inserted after the warm-up, the
             # quantity the rate limiter holds at samples_per_insert_target.
             "run/samples_per_insert": sampled / (written - self.warmup_transitions)
@@ -183,10 +199,10 @@ class RestartClock:
 
     def learner_trained(self, metrics: Mapping[str, float]) -> float | None:
         """Seconds since the learner failed, once the new one reports updates with a critic loss."""
-        if self._learner is None or metrics.get("learner/updates_total", 0) <= 0:
+        if self._learner is None or metrics.get(UPDATES_TOTAL_KEY, 0) <= 0:
             return None
         took = time.monotonic() - self._learner
-        if not (metrics.get("replay_sampler/size", 0) and "learner/critic_loss" in metrics):
+        if not (metrics.get(SIZE, 0) and CRITIC_LOSS_KEY in metrics):
             return None
         self._learner = None
         self.records.append({"kind": "learner", "seconds": took})

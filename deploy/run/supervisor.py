@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from actors.metric_keys import COLLECTOR_ACTING_SINCE, COLLECTOR_EPISODES_TOTAL, COLLECTOR_LAST_ACTING_VERSION
 from common.config import ConvoyConfig, redact_url
 from deploy.run.dispatch import Handler, Periodic
 from deploy.run.progress import Progress, RestartClock
@@ -363,9 +364,9 @@ class Supervisor:
         slot = self.slots[index]
         self.in_flight_steps -= slot.busy_steps
         slot.busy_steps = 0
-        before = self.progress.collector.get(index, {}).get("collector/episodes_total", 0)
+        before = self.progress.collector.get(index, {}).get(COLLECTOR_EPISODES_TOTAL, 0)
         self.progress.collector[index] = result
-        if result.get("collector/episodes_total", 0) > before:
+        if result.get(COLLECTOR_EPISODES_TOTAL, 0) > before:
             self.progress.counts.failures_in_a_row = 0
         self._time_fanout(index, result)
         took = self.restarts.collector_acted(index)
@@ -406,8 +407,8 @@ class Supervisor:
     def _time_fanout(self, index: int, result: dict[str, float]) -> None:
         """Feed the fan-out clock (read-only: deploy/run/timing.py) with what a collector acts with."""
         fanout = self.progress.fanout
-        version = int(result.get("collector/last_acting_version", 0))
-        fanout.acted(index, version, float(result.get("collector/acting_version_timestamp_seconds", 0.0)))
+        version = int(result.get(COLLECTOR_LAST_ACTING_VERSION, 0))
+        fanout.acted(index, version, float(result.get(COLLECTOR_ACTING_SINCE, 0.0)))
         fanout.settle(self._live_indices())
 
     def _final_collect(self, index: int, result: dict[str, float]) -> None:

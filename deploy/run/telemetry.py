@@ -13,34 +13,56 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from actors.metric_keys import (
+    COLLECTOR_MEAN_RETURN,
+    COLLECTOR_ROUTE_COMPLETION,
+    COLLECTOR_SUCCESS_RATE,
+    EVAL_RETURN,
+    EVAL_ROUTE_COMPLETION,
+    EVAL_SUCCESS_RATE,
+    EVAL_WEIGHTS_VERSION,
+)
 from common.config import ConvoyConfig
 from deploy.run.curves import CurveWriter
 from deploy.run.exporter import MetricsExporter
+from learner.metric_keys import (
+    ACTOR_GRAD_NORM_CLIPPED_KEY,
+    ACTOR_GRAD_NORM_KEY,
+    ACTOR_LOSS_KEY,
+    CRITIC_GRAD_NORM_CLIPPED_KEY,
+    CRITIC_GRAD_NORM_KEY,
+    CRITIC_LOSS_KEY,
+    CRITIC_Q_MAX_KEY,
+    CRITIC_Q_MEAN_KEY,
+    CRITIC_TARGET_MEAN_KEY,
+    POLICY_LAG_MAX_KEY,
+    POLICY_LAG_MEAN_KEY,
+)
 
 # TensorBoard tag -> flat key of the learner's dict.
 LEARNER_CURVES = {
-    "loss/critic": "learner/critic_loss",
-    "loss/actor": "learner/actor_loss",
-    "q/mean": "learner/critic_q_mean",
-    "q/max": "learner/critic_q_max",
-    "q/target_mean": "learner/critic_target_mean",
-    "grad_norm/critic": "learner/critic_grad_norm",
-    "grad_norm/critic_clipped": "learner/critic_grad_norm_clipped",
-    "grad_norm/actor": "learner/actor_grad_norm",
-    "grad_norm/actor_clipped": "learner/actor_grad_norm_clipped",
-    "policy_lag/mean": "learner/policy_lag_mean",
-    "policy_lag/max": "learner/policy_lag_max",
+    "loss/critic": CRITIC_LOSS_KEY,
+    "loss/actor": ACTOR_LOSS_KEY,
+    "q/mean": CRITIC_Q_MEAN_KEY,
+    "q/max": CRITIC_Q_MAX_KEY,
+    "q/target_mean": CRITIC_TARGET_MEAN_KEY,
+    "grad_norm/critic": CRITIC_GRAD_NORM_KEY,
+    "grad_norm/critic_clipped": CRITIC_GRAD_NORM_CLIPPED_KEY,
+    "grad_norm/actor": ACTOR_GRAD_NORM_KEY,
+    "grad_norm/actor_clipped": ACTOR_GRAD_NORM_CLIPPED_KEY,
+    "policy_lag/mean": POLICY_LAG_MEAN_KEY,
+    "policy_lag/max": POLICY_LAG_MAX_KEY,
 }
 # TensorBoard tag -> flat key of each collector's dict, averaged over collectors.
 COLLECTOR_CURVES = {
-    "return/train": "collector/mean_return",
-    "route_completion/train": "collector/route_completion",
-    "success_rate/train": "collector/success_rate",
+    "return/train": COLLECTOR_MEAN_RETURN,
+    "route_completion/train": COLLECTOR_ROUTE_COMPLETION,
+    "success_rate/train": COLLECTOR_SUCCESS_RATE,
 }
 EVAL_CURVES = {
-    "return/eval": "eval/return",
-    "route_completion/eval": "eval/route_completion",
-    "success_rate/eval": "eval/success_rate",
+    "return/eval": EVAL_RETURN,
+    "route_completion/eval": EVAL_ROUTE_COMPLETION,
+    "success_rate/eval": EVAL_SUCCESS_RATE,
 }
 
 
@@ -117,7 +139,7 @@ class RunTelemetry:
             scalars["throughput/updates_per_s"] = (updates - self._last_point[2]) / dt
         self._last_point = (elapsed, steps, updates)
         # An evaluation is one point, at the env step it was reported at, not repeated every tick.
-        current = tuple(float(evaluation.get(k, math.nan)) for k in (*EVAL_CURVES.values(), "eval/weights_version"))
+        current = tuple(float(evaluation.get(k, math.nan)) for k in (*EVAL_CURVES.values(), EVAL_WEIGHTS_VERSION))
         if evaluation and current != self._last_eval:
             self._last_eval = current
             scalars.update({tag: float(evaluation.get(key, math.nan)) for tag, key in EVAL_CURVES.items()})
