@@ -27,7 +27,6 @@ time). ``cpu`` reports the CPU model and the flags that decide precision and ker
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from common.schema import Batch, Segment
 from common.sysutil import cpu_flags, tune_malloc_for_bulk_buffers
 from deploy.bench.data import record_segments
 from deploy.bench.td3_baseline import StraightforwardTD3
+from deploy.cli.base import print_result
 from learner.agent import TD3Agent
 from learner.loop import Learner
 from replay_service.metric_keys import WAIT_SECONDS_TOTAL
@@ -367,9 +367,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     result = run(args.device, args.batch_size, args.seconds, args.overrides, variants=variants)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k}: {v}")
+    print_result(result, args.json)
     return 0

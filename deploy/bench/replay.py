@@ -26,7 +26,6 @@ into 64-step segments); ``noise`` frames are uniform random bytes, the incompres
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,6 +37,7 @@ import redis
 
 from common.schema import ACTION_DIM, FRAME_SHAPE, STACK, VECTOR_DIM, Segment
 from common.sysutil import tune_malloc_for_bulk_buffers
+from deploy.cli.base import print_result
 from replay_service.launcher import RedisShardProcess
 from replay_service.metric_keys import CORRUPT_TOTAL
 from replay_service.sampler import ReplaySampler
@@ -315,9 +315,5 @@ def main(argv: list[str]) -> int:
     tune_malloc_for_bulk_buffers()
     segments = args.segments or (1500 if args.frames == "embedded" else 400)
     result = run(args.frames, segments, args.seconds, args.repeats, args.threads)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:36s} {v}")
+    print_result(result, args.json, line="{:36s} {}")
     return 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Mapping
+from typing import Any
 
 # The object ``add_subparsers`` returns; each command module registers its parser(s) on it.
 Subparsers = argparse._SubParsersAction
@@ -21,3 +24,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value
+
+
+def print_result(result: Mapping[str, Any], as_json: bool, line: str = "{}: {}") -> None:
+    """A command's result on stdout: one JSON object with ``--json`` (for scripts), else one
+    ``line`` per key (``line`` formats the key and the value)."""
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(line.format(k, v))

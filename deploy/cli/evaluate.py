@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from actors.metric_keys import EVAL_EPISODE_STEPS, EVAL_RETURN, EVAL_RETURN_MIN, EVAL_ROUTE_COMPLETION
-from deploy.cli.base import Subparsers, positive_int
+from deploy.cli.base import Subparsers, positive_int, print_result
 
 
 def register(sub: Subparsers) -> None:
@@ -33,11 +32,7 @@ def register(sub: Subparsers) -> None:
 
 def command(args: argparse.Namespace) -> int:
     result = evaluate(args.checkpoint, args.episodes, seed=args.seed, name=args.name, video=args.video)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k}: {v}")
+    print_result(result, args.json)
     return 0
 
 
