@@ -203,6 +203,41 @@ def _by_collectors(runs: list[dict[str, Any]], collectors: Sequence[int]) -> dic
     return by_count
 
 
+def _run_all(
+    config_path: str,
+    overrides: Sequence[str],
+    env_steps: int,
+    seeds: int,
+    collectors: Sequence[int],
+    eval_every: int,
+    eval_episodes: int,
+    root: Path,
+    target: float,
+    max_seconds: float,
+) -> list[dict[str, Any]]:
+    """One ``convoy train`` per collector count and seed, one after another, each logging to
+    ``root/c<collectors>-s<seed>.log``; their records in that order."""
+    runs: list[dict[str, Any]] = []
+    for n in collectors:
+        for seed in range(seeds):
+            run_dir = root / f"c{n}-s{seed}"
+            cfg = learning_run_config(
+                config_path,
+                [f"run.eval_episodes={eval_episodes}", *overrides],
+                seed,
+                env_steps,
+                max_seconds,
+                eval_every,
+                run_dir,
+                collectors=n,
+            )
+            limit = f" or {max_seconds:g} s" if max_seconds else ""
+            _say(f"run collectors={n} seed={seed}: {env_steps} env steps{limit}, log {run_dir}.log")
+            summary, history = run_one(cfg, Path(f"{run_dir}.log"))
+            runs.append(_run_record(n, seed, summary, history, target))
+    return runs
+
+
 def run(
     config: str | None,
     overrides: Sequence[str],
@@ -222,24 +257,9 @@ def run(
     root.mkdir(parents=True, exist_ok=True)
     config_path = config or default_config_path()
     base = load_config(config_path, overrides)
-    runs: list[dict[str, Any]] = []
-    for n in collectors:
-        for seed in range(seeds):
-            run_dir = root / f"c{n}-s{seed}"
-            cfg = learning_run_config(
-                config_path,
-                [f"run.eval_episodes={eval_episodes}", *overrides],
-                seed,
-                env_steps,
-                max_seconds,
-                eval_every,
-                run_dir,
-                collectors=n,
-            )
-            limit = f" or {max_seconds:g} s" if max_seconds else ""
-            _say(f"run collectors={n} seed={seed}: {env_steps} env steps{limit}, log {run_dir}.log")
-            summary, history = run_one(cfg, Path(f"{run_dir}.log"))
-            runs.append(_run_record(n, seed, summary, history, target))
+    runs = _run_all(
+        config_path, overrides, env_steps, seeds, collectors, eval_every, eval_episodes, root, target, max_seconds
+    )
     first = [r for r in runs if r["collectors"] == collectors[0]]
     result: dict[str, Any] = {
         "runs": runs,

@@ -500,6 +500,26 @@ def _medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
     return {f"median_{k}": _median([r[k] for r in runs]) for k in MEDIAN_KEYS}
 
 
+def _run_peer(
+    peer: str,
+    cfg: ConvoyConfig,
+    config_path: str,
+    cfg_overrides: Sequence[str],
+    seed: int,
+    env_steps: int,
+    eval_every: int,
+    max_seconds: float,
+    target: float,
+    root: Path,
+) -> dict[str, Any]:
+    """One run of ``peer`` with ``seed``: its figures (raises PeerUnavailable)."""
+    if peer == "convoy":
+        return run_convoy(config_path, cfg_overrides, seed, env_steps, eval_every, max_seconds, target, root)
+    if peer == "sb3-td3":
+        return run_sb3_td3(cfg, seed, env_steps, eval_every, max_seconds, target)
+    return run_rllib_sac(cfg, seed, env_steps, eval_every, max_seconds, target)
+
+
 def run_peers(
     peers: Sequence[str] = ("convoy", "sb3-td3", "rllib-sac"),
     overrides: Sequence[str] = (),
@@ -528,14 +548,9 @@ def run_peers(
             cfg = load_config(config_path, [*cfg_overrides, f"run.seed={seed}"])
             _say(f"{peer} seed={seed}: {env_steps} env steps" + (f" or {max_seconds:g} s" if max_seconds else ""))
             try:
-                if peer == "convoy":
-                    figures = run_convoy(
-                        config_path, cfg_overrides, seed, env_steps, eval_every, max_seconds, target, root
-                    )
-                elif peer == "sb3-td3":
-                    figures = run_sb3_td3(cfg, seed, env_steps, eval_every, max_seconds, target)
-                else:
-                    figures = run_rllib_sac(cfg, seed, env_steps, eval_every, max_seconds, target)
+                figures = _run_peer(
+                    peer, cfg, config_path, cfg_overrides, seed, env_steps, eval_every, max_seconds, target, root
+                )
             except PeerUnavailable as e:
                 _say(f"  {peer} unavailable: {e}")
                 unavailable[peer] = str(e)

@@ -60,7 +60,6 @@ def evaluate(
 
     from actors.envs import make_env
     from actors.evaluator import Evaluator
-    from actors.video import FRAME_HEIGHT, FRAME_WIDTH, EpisodeRecorder
     from common.config import from_dict
     from deploy.run.evaluation import load_actor_checkpoint
     from learner.checkpoint import newest_verified
@@ -84,6 +83,15 @@ def evaluate(
     version = data.weights_version
     evaluator.load_actor_state(data.actor, version)
 
+    out = _run_episodes(evaluator, episodes, video, out_log)
+    return _summary(out, episodes, path, data.updates, version, video)
+
+
+def _run_episodes(evaluator: Any, episodes: int, video: str | Path | None, out_log: TextIO) -> dict[str, float]:
+    """The evaluator's metrics over its episodes, each episode reported on ``out_log``; the
+    episodes recorded to ``video`` when one is given. Closes the evaluator."""
+    from actors.video import FRAME_HEIGHT, FRAME_WIDTH, EpisodeRecorder
+
     def say(ep: int, ep_return: float, steps: int, info: dict[str, Any]) -> None:
         print(
             f"episode {ep + 1}/{episodes}: return {ep_return:.2f}, steps {steps}, "
@@ -94,7 +102,7 @@ def evaluate(
 
     recorder = EpisodeRecorder(evaluator.fps) if video else None
     try:
-        out = evaluator.evaluate(on_episode=say, recorder=recorder)
+        out: dict[str, float] = evaluator.evaluate(on_episode=say, recorder=recorder)
         if video and recorder is not None:
             recorder.save(video)
             print(f"video: {video} ({recorder.frames_total} frames, {FRAME_WIDTH}x{FRAME_HEIGHT})", file=out_log)
@@ -102,6 +110,13 @@ def evaluate(
         if recorder is not None:
             recorder.close()
         evaluator.close()
+    return out
+
+
+def _summary(
+    out: dict[str, float], episodes: int, path: str, updates: int, version: int, video: str | Path | None
+) -> dict[str, Any]:
+    """`convoy evaluate`'s result from the evaluator's metrics: means, rates, the checkpoint."""
     rates = {k.split("/", 1)[1]: v for k, v in out.items() if k.endswith("_rate") or k.startswith("eval/driving/")}
     return {
         "episodes": episodes,
@@ -111,7 +126,7 @@ def evaluate(
         "mean_episode_steps": out[EVAL_EPISODE_STEPS],
         **rates,
         "checkpoint": path,
-        "updates": data.updates,
+        "updates": updates,
         "weights_version": version,
         **({"video": str(video)} if video else {}),
     }
