@@ -21,6 +21,10 @@ list, so shards that evict at different times never fragment the ring. The ring 
 segment of T steps, with room for segments of half the full length on average (episodes end
 mid-segment). A segment that finds no room is skipped and counted (``mirror_full_total``).
 
+The module runs past 400 lines (a third of them this description) because the ring and the
+mirror that loads into it and gathers from it follow one set of slot and locking rules, below;
+split apart, those rules would span two modules.
+
 Locking rules:
 
 * The ring's slot bookkeeping (free list, pending, retired, readers) is guarded by its

@@ -3,6 +3,11 @@ per shard with the shard's health (backoff after a failure, reconnect after an o
 
 The redis-server processes live in launcher.py, the sampler's raw RESP connection in resp.py,
 the errors in errors.py.
+
+The module runs past 400 lines because it is the one place that knows a shard's Redis layout:
+the key names, insert.lua's arguments and the counters' reply are read and written only by the
+client calls here, and a client's connections belong to a :class:`ShardHealth` generation
+(a failure or a move makes every older connection stale), so the two are kept together.
 """
 
 from __future__ import annotations
