@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from common.config import ConvoyConfig, load_config
+from deploy.cli.base import print_runs
 
 ENCODERS = ("none", "nature")
 
@@ -205,9 +205,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seconds <= 0 or args.rounds < 1:
         p.error("--seconds must be > 0 and --rounds >= 1")
     result = run(args.config, args.overrides, encoders, args.seconds, args.rounds)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for r in result["runs"]:
-            print(r)
+    print_runs(result, args.json)
     return 0

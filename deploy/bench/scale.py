@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from typing import Any, TextIO
 from actors.metric_keys import COLLECTOR_ENV_STEPS_TOTAL, COLLECTOR_LAST_ACTING_VERSION
 from common.config import ConvoyConfig, load_config
 from deploy.bench.learning import _collector_counts
+from deploy.cli.base import print_runs
 from deploy.run.progress import Progress
 from deploy.run.timing import quantile
 from learner.metric_keys import (
@@ -343,9 +343,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.step_hz <= 0 or args.seconds <= 0 or args.warmup < 0:
         p.error("--step-hz and --seconds must be > 0, --warmup >= 0")
     result = run(args.config, args.overrides, args.collectors, args.step_hz, args.seconds, args.warmup, args.out_dir)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for r in result["runs"]:
-            print(r)
+    print_runs(result, args.json)
     return 0

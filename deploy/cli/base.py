@@ -34,3 +34,13 @@ def print_result(result: Mapping[str, Any], as_json: bool, line: str = "{}: {}")
     else:
         for k, v in result.items():
             print(line.format(k, v))
+
+
+def print_runs(result: Mapping[str, Any], as_json: bool) -> None:
+    """A benchmark's result on stdout: one JSON object with ``--json``, else each of its
+    ``runs`` on a line of its own."""
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for r in result["runs"]:
+            print(r)
