@@ -117,7 +117,9 @@ def _summary(
     out: dict[str, float], episodes: int, path: str, updates: int, version: int, video: str | Path | None
 ) -> dict[str, Any]:
     """`convoy evaluate`'s result from the evaluator's metrics: means, rates, the checkpoint."""
-    rates = {k.split("/", 1)[1]: v for k, v in out.items() if k.endswith("_rate") or k.startswith("eval/driving/")}
+    from actors.evaluator import EVAL_DRIVING_PREFIX  # loaded already: evaluate() ran the evaluator
+
+    rates = {k.split("/", 1)[1]: v for k, v in out.items() if k.endswith("_rate") or k.startswith(EVAL_DRIVING_PREFIX)}
     return {
         "episodes": episodes,
         "mean_return": out[EVAL_RETURN],
