@@ -26,7 +26,7 @@ train: setup
 
 test: setup
 	@deploy/scripts/ensure-prometheus.sh
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest --durations=15 $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
