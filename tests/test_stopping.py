@@ -178,6 +178,7 @@ def test_the_writers_rate_limit_wait_ends_when_stop_is_set(redis_url: str) -> No
 def test_the_first_signal_interrupts_later_ones_hurry_and_ignored_ones_stay_ignored() -> None:
     from deploy.run.signals import StopSignals
 
+    term_before = signal.getsignal(signal.SIGTERM)  # an in-process ray.init earlier in the suite sets one
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     signals = StopSignals()
     try:
@@ -194,4 +195,4 @@ def test_the_first_signal_interrupts_later_ones_hurry_and_ignored_ones_stay_igno
     finally:
         signals.restore()
         signal.signal(signal.SIGINT, before)
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == term_before  # restore puts back what was there

@@ -380,7 +380,9 @@ class Supervisor:
     def _on_learner_ready(self, index: int, result: dict[str, Any]) -> None:
         self.learner_live = True
         if "updates" in result:
-            self.say(f"learner restored: updates {result['updates']}, env_steps {result['env_steps']}")
+            # Named: a restart may have skipped newer checkpoints that failed verification.
+            source = f" ({result['checkpoint']})" if result.get("checkpoint") else ""
+            self.say(f"learner restored: updates {result['updates']}, env_steps {result['env_steps']}{source}")
         self.submit_train()
 
     def _on_trained(self, index: int, result: tuple[dict[str, float], tuple[int, Any] | None]) -> None:
