@@ -181,3 +181,6 @@ def test_a_shard_moved_to_another_node_is_found_by_writers_and_the_learner(tmp_p
         assert proc.returncode == 0, text[-5000:]
         assert re.search(r"done \(budget\): env_steps 2000", text), text[-3000:]
         assert PASSWORD not in text
+        summary = json.loads((tmp_path / "moved" / "summary.json").read_text())
+        print("moved-shard summary.json:", json.dumps(summary, indent=2))
+        assert summary["exit_reason"] == "budget" and summary["shard_restarts"] >= 1, summary
