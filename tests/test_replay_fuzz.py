@@ -22,7 +22,7 @@ from replay_service.codec import (
     parse_index,
 )
 
-FUZZ = settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+FUZZ = settings(max_examples=3_000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 
 def _segment(t: int) -> Segment:

@@ -216,9 +216,18 @@ def test_scaling_down_then_up_before_the_retiring_calls_end_keeps_every_wanted_c
     sup.scale_to(1)
     sup.scale_to(4)  # before collectors 1-3 finished the call they were retiring after
     assert sorted(i for i, s in sup.slots.items() if not s.retiring) == [0, 1, 2, 3]
-    first_calls = {i: ray.get(made[(i, 0)].received.remote()) for i in range(4)}
-    _drive(sup, lambda: all(len(ray.get(made[(i, 0)].received.remote())) > len(first_calls[i]) for i in range(4)))
+    # Counted on the driver, so that the wait never blocks behind a collector's call in flight.
+    submitted: dict[int, int] = {i: 0 for i in range(4)}
+    submit = sup.submit_collect
+
+    def counting_submit(slot: Any) -> None:
+        submit(slot)
+        submitted[slot.index] += bool(slot.busy_steps)
+
+    sup.submit_collect = counting_submit  # type: ignore[method-assign]
+    _drive(sup, lambda: all(submitted.values()))  # each finished its first call and got another
     assert sorted(i for i, s in sup.slots.items() if s.live and not s.retiring) == [0, 1, 2, 3]
+    assert all(len(ray.get(made[(i, 0)].received.remote())) >= 2 for i in range(4))
     assert "stopped (scaled down)" not in out.getvalue()
 
 
