@@ -18,6 +18,7 @@ engine is about 150 lines of plain typing introspection, so it stays.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -80,6 +81,10 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads ``1e-3`` (no dot) as a string; users write learning rates that way.
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, int | float) and not isinstance(value, bool):
             # NaN compares false with every bound, so ``min``/``max`` alone would let it through.
             if not math.isfinite(value):

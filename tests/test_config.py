@@ -64,12 +64,22 @@ def test_round_trip_through_yaml() -> None:
         ("run.max_seconds=.inf", "run.max_seconds=inf: must be a finite number"),
         ("learner.tau=-.inf", "learner.tau=-inf: must be a finite number"),
         ("collector.resources=carla:.nan", "collector.resources.carla=nan: must be a finite number"),
+        ("learner.gamma=nan", "learner.gamma=nan: must be a finite number"),
+        ("learner.actor_lr=fast", "learner.actor_lr='fast': expected float"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert fragment in str(info.value)
+
+
+def test_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    # YAML 1.1 reads 1e-3 as a string; a learning rate is written that way.
+    assert load_config(None, ["learner.actor_lr=1e-3"]).learner.actor_lr == 0.001
+    path = tmp_path / "c.yaml"
+    path.write_text("learner:\n  critic_lr: 3e-4\n")
+    assert load_config(path).learner.critic_lr == 0.0003
 
 
 def test_unknown_key_in_yaml_file(tmp_path: Path) -> None:
