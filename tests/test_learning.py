@@ -2,14 +2,15 @@
 
 Budget: 12,000 env steps, one update per step after 1,000 random steps; about two
 minutes on a 2-core CPU. Well-tuned TD3 reaches about -150 on Pendulum; the bar is -400.
-It runs with the default n-step returns (learner.n_step = 3, the windows computed by
-replay_service/window.py as the replay sampler does). One-step targets are the n = 1 case of
-the same functions, checked on tiny tensors in tests/test_td3.py; learning with them is
-measured, not tested: ``convoy bench learning learner.n_step=1``.
+It must pass with one-step targets and with n-step returns (learner.n_step = 3, the windows
+computed by replay_service/window.py as the replay sampler does); the two runs go side by
+side in two processes, one core and one torch thread each.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import gymnasium as gym
@@ -122,8 +123,8 @@ def _act(learner: Learner, obs: np.ndarray) -> np.ndarray:
         return learner.agent.actor(torch.zeros((1, 1, 1, 1), dtype=torch.uint8), torch.from_numpy(obs)[None])[0].numpy()
 
 
-def test_td3_learns_pendulum(tmp_path: Path) -> None:
-    n_step = 3
+def learn_pendulum(n_step: int, out_dir: str) -> float:
+    """Train on Pendulum-v1 for ENV_STEPS with one torch thread; the mean evaluation return."""
     cfg = load_config(
         None,
         [
@@ -132,6 +133,7 @@ def test_td3_learns_pendulum(tmp_path: Path) -> None:
             "learner.batch_size=256",
             "learner.actor_lr=0.001",
             "learner.critic_lr=0.001",
+            "learner.num_threads=1",  # the two runs share the two cores, one each
             f"collector.start_steps={START_STEPS}",
             "learner.publish_every=1000000",
             "run.checkpoint_every_updates=1000000",
@@ -141,7 +143,7 @@ def test_td3_learns_pendulum(tmp_path: Path) -> None:
     )
     env = gym.make("Pendulum-v1")
     replay = VectorReplay(ENV_STEPS, 3, 1, cfg.learner.batch_size, seed=1, n_step=n_step, gamma=cfg.learner.gamma)
-    learner = Learner(cfg, replay, tmp_path, vector_dim=3, action_dim=1)
+    learner = Learner(cfg, replay, Path(out_dir), vector_dim=3, action_dim=1)
     rng = np.random.default_rng(1)
     obs, _ = env.reset(seed=1)
     for step in range(ENV_STEPS):
@@ -153,7 +155,8 @@ def test_td3_learns_pendulum(tmp_path: Path) -> None:
         replay.add(obs, action, float(reward), next_obs, terminated, truncated)
         learner.train(1)
         obs = env.reset()[0] if terminated or truncated else next_obs
-    assert learner.updates >= ENV_STEPS - START_STEPS - 1
+    if learner.updates < ENV_STEPS - START_STEPS - 1:
+        raise AssertionError(f"n_step {n_step}: {learner.updates} updates for {ENV_STEPS} env steps")
 
     returns = []
     for ep in range(EVAL_EPISODES):
@@ -164,7 +167,16 @@ def test_td3_learns_pendulum(tmp_path: Path) -> None:
             total += float(reward)
             done = terminated or truncated
         returns.append(total)
-    mean_return = float(np.mean(returns))
-    print(f"Pendulum-v1 (n_step {n_step}) mean evaluation return after {ENV_STEPS} steps: {mean_return:.1f}")
-    assert mean_return > THRESHOLD, f"mean return {mean_return:.1f} after {ENV_STEPS} env steps"
     learner.close()
+    return float(np.mean(returns))
+
+
+def test_td3_learns_pendulum_with_one_step_and_n_step_targets(tmp_path: Path) -> None:
+    # The two runs in parallel processes (spawned: no torch state is inherited), one core each.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
+        runs = {n: pool.submit(learn_pendulum, n, str(tmp_path / f"n{n}")) for n in (1, 3)}
+        returns = {n: run.result(timeout=1200) for n, run in runs.items()}
+    for n_step, mean_return in returns.items():
+        print(f"Pendulum-v1 (n_step {n_step}) mean evaluation return after {ENV_STEPS} steps: {mean_return:.1f}")
+    assert all(r > THRESHOLD for r in returns.values()), f"mean returns after {ENV_STEPS} env steps: {returns}"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any, TextIO, cast
 
 from actors.metric_keys import EVAL_COLLISION_RATE, EVAL_RETURN, EVAL_ROUTE_COMPLETION, EVAL_SUCCESS_RATE
 from common.config import ConfigError, ConvoyConfig, load_config
+from deploy.cli.base import print_json
 
 TARGET_ROUTE_COMPLETION = 0.9
 
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_seconds,
     )
     if args.json:
-        print(json.dumps(result))
+        print_json(result)
     else:
         for k, v in result.items():
             if k != "runs":

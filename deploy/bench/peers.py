@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -59,6 +58,7 @@ from deploy.bench.learning import (
     run_one,
     summarize_run,
 )
+from deploy.cli.base import print_json
 
 PEERS = ("convoy", "sb3-td3", "rllib-sac")
 ENV_ID = "convoy/EmbeddedDriving-v0"
@@ -629,7 +629,7 @@ def command(args: argparse.Namespace) -> int:
         args.target,
     )
     if args.json:
-        print(json.dumps(result))
+        print_json(result)
     else:
         for peer, figures in result["medians"].items():
             print(f"{peer}: {figures}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from deploy.cli.base import Subparsers
+from deploy.cli.base import Subparsers, json_stdout
 
 BENCHMARKS = {
     "replay": "deploy.bench.replay",
@@ -34,4 +34,5 @@ def register(sub: Subparsers) -> None:
 
 def command(args: argparse.Namespace) -> int:
     bench = importlib.import_module(BENCHMARKS[args.target])
-    return int(bench.main(args.bench_args) or 0)
+    with json_stdout("--json" in args.bench_args):
+        return int(bench.main(args.bench_args) or 0)
