@@ -264,9 +264,13 @@ class ResidentMirror:
         pin_memory: bool,
         n_step: int = 1,
         gamma: float = 0.99,
+        frames: bool = True,
     ) -> None:
         self.index = index
         self.n_step, self.gamma = n_step, gamma
+        # False for a vector-only learner (learner.encoder=none): its batches carry a 1x1
+        # placeholder image instead of 8 gathered frames (14 MB per batch of 256 it never reads).
+        self.frames = frames
         self.ring = UnitRing(units, device)
         self.pin_memory = pin_memory and device.type == "cpu"
         self.full_total = 0  # segments skipped for lack of room
@@ -382,13 +386,8 @@ class ResidentMirror:
             if self.n_step > 1:
                 return self._nstep_batch(snap, seg, t), snap.shard[seg]
             frame_slots, record_slots = window(snap, seg, t)
-            fidx = torch.from_numpy(frame_slots.reshape(-1)).to(ring.device)
             ridx = torch.from_numpy(record_slots.reshape(-1)).to(ring.device)
-            if ring.device.type == "cpu":  # straight into the (pinned) batch buffer
-                frames = torch.empty((n * SPAN, *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
-                torch.index_select(ring.frames, 0, fidx, out=frames)
-            else:
-                frames = ring.frames.index_select(0, fidx)
+            frames = self._gather_frames(frame_slots) if self.frames else None
             floats = ring.floats.index_select(0, ridx).view(n, 2, RECORD_FLOATS)
             version = ring.version.index_select(0, ridx.view(n, 2)[:, 0].contiguous())
         small = {
@@ -402,7 +401,25 @@ class ResidentMirror:
         tensors = {k: v.contiguous() for k, v in small.items()}
         if self.pin_memory:
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        if frames is None:
+            blank = self._blank(n)
+            return Batch(image=blank, next_image=blank, **tensors), snap.shard[seg]
         return Batch.from_frames(frames.view(n, SPAN, *FRAME_SHAPE), **tensors), snap.shard[seg]
+
+    def _gather_frames(self, slots: np.ndarray) -> torch.Tensor:
+        """The ring's frames at ``slots`` (any shape), flat; on the CPU straight into the
+        (pinned) batch buffer."""
+        ring = self.ring
+        fidx = torch.from_numpy(slots.reshape(-1)).to(ring.device)
+        if ring.device.type != "cpu":
+            return ring.frames.index_select(0, fidx)
+        out = torch.empty((len(fidx), *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
+        torch.index_select(ring.frames, 0, fidx, out=out)
+        return out
+
+    def _blank(self, n: int) -> torch.Tensor:
+        """The placeholder image of a frameless batch: (n, 1, 1, 1) zeros on the ring's device."""
+        return torch.zeros((n, 1, 1, 1), dtype=torch.uint8, device=self.ring.device)
 
     def _nstep_batch(self, snap: Snapshot, seg: np.ndarray, t: np.ndarray) -> Batch:
         """An n-step batch (replay_service/window.py): records t..t+k, the observation's frames
@@ -418,15 +435,13 @@ class ResidentMirror:
         host = floats[:, :n].cpu().numpy()
         flags = np.where(host[:, :, _TERM] > 0, TERMINATED, 0) | np.where(host[:, :, _TRUNC] > 0, TRUNCATED, 0)
         reward, discount, k = nstep_window(host[:, :, _R], flags.astype(np.uint8), steps, self.gamma)
-        stack = np.arange(STACK)[None, :]
-        frame_slots = snap.tab[base[:, None] + np.concatenate([np.repeat(stack, b, 0), k[:, None] + stack], axis=1)]
-        fidx = torch.from_numpy(frame_slots.reshape(-1)).to(ring.device)
-        if ring.device.type == "cpu":
-            frames = torch.empty((b * 2 * STACK, *FRAME_SHAPE), dtype=torch.uint8, pin_memory=self.pin_memory)
-            torch.index_select(ring.frames, 0, fidx, out=frames)
+        if self.frames:
+            stack = np.arange(STACK)[None, :]
+            slots = snap.tab[base[:, None] + np.concatenate([np.repeat(stack, b, 0), k[:, None] + stack], axis=1)]
+            frames = self._gather_frames(slots).view(b, 2, STACK, *FRAME_SHAPE)
+            image, next_image = frames[:, 0], frames[:, 1]
         else:
-            frames = ring.frames.index_select(0, fidx)
-        frames = frames.view(b, 2, STACK, *FRAME_SHAPE)
+            image = next_image = self._blank(b)
         rows, kt = torch.arange(b, device=ring.device), torch.from_numpy(k).to(ring.device)
         small = {
             "vector": floats[:, 0, _V],
@@ -440,7 +455,7 @@ class ResidentMirror:
         tensors = {name: v.contiguous() for name, v in small.items()}
         if self.pin_memory:
             tensors = {name: v.pin_memory() for name, v in tensors.items()}
-        return Batch(image=frames[:, 0], next_image=frames[:, 1], **tensors)
+        return Batch(image=image, next_image=next_image, **tensors)
 
     def metrics(self) -> dict[str, float]:
         used = self.ring.used

@@ -75,6 +75,8 @@ class ReplaySampler:
     With ``n_step > 1`` each transition is an n-step window (replay_service/window.py): its
     reward is the discounted sum, ``discount`` the bootstrap discount, ``next_*`` the
     observation after the window; one GETRANGE still fetches all of it (codec.py).
+    ``frames=False`` (a vector-only learner) makes the mirror's batches carry a (B, 1, 1, 1)
+    placeholder image instead of gathering frames; byte-range sampling decodes them anyway.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class ReplaySampler:
         table_poll_s: float = 1.0,
         n_step: int = 1,
         gamma: float = 0.99,
+        frames: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
@@ -139,7 +142,7 @@ class ReplaySampler:
             dev = dev if self.mirror == "device" else torch.device("cpu")
             check_memory(self.mirror, capacity, segment_length, dev)
             units = mirror_units(capacity, segment_length)
-            self._resident = ResidentMirror(self._index, units, dev, self.pin_memory, n_step, gamma)
+            self._resident = ResidentMirror(self._index, units, dev, self.pin_memory, n_step, gamma, frames)
         self._reported_at = 0.0  # when the mirror's samples last went to the shards
         # The index clients: used only under the refresher's lock (one RESP connection each, and
         # resetting one closes the socket under whoever is reading it).

@@ -269,3 +269,24 @@ def test_nstep_batches_follow_the_window_rule_in_both_modes(two_shards: list[str
                 assert batch.discount[b].item() == pytest.approx(0.0 if ended else gamma**k, rel=1e-6)
                 assert batch.terminated[b].item() == float(ended)
         assert seen_cut and seen_full, "both full windows and windows cut by a segment's end were drawn"
+
+
+@pytest.mark.parametrize("n_step", [1, 3])
+def test_a_vector_only_learners_batches_skip_the_frames_and_keep_everything_else(
+    two_shards: list[str], n_step: int
+) -> None:
+    segs = [make_segment(t=4 + 3 * i, episode=i, index=i, terminated=i % 2 == 1) for i in range(5)]
+    w = ReplayWriter(two_shards, capacity=1000)
+    for seg in segs:
+        w.write(seg)
+    w.close()
+    batches = {}
+    for frames in (True, False):
+        with ReplaySampler(two_shards, 64, prefetch=0, seed=4, n_step=n_step, frames=frames, **HOST) as s:
+            batches[frames] = next(s)
+    framed, frameless = batches[True], batches[False]
+    assert framed.image.shape == (64, 4, 84, 84)
+    assert frameless.image.shape == frameless.next_image.shape == (64, 1, 1, 1) and not frameless.image.any()
+    for name in ("vector", "next_vector", "action", "reward", "terminated", "policy_version", "discount"):
+        a, b = getattr(framed, name), getattr(frameless, name)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name

@@ -72,6 +72,7 @@ def source_factory(
         shard_table=shard_table,
         n_step=cfg.learner.n_step,
         gamma=cfg.learner.gamma,
+        frames=cfg.learner.encoder != "none",
     )
 
 
