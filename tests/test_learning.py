@@ -1,6 +1,6 @@
 """The real learner classes learn: TD3 on gymnasium's Pendulum-v1 (vector-only networks).
 
-Budget: 12,000 env steps, one update per step after 1,000 random steps; about two
+Budget: 10,000 env steps, one update per step after 1,000 random steps; about two
 minutes on a 2-core CPU. Well-tuned TD3 reaches about -150 on Pendulum; the bar is -400.
 It must pass with one-step targets and with n-step returns (learner.n_step = 3, the windows
 computed by replay_service/window.py as the replay sampler does); the two runs go side by
@@ -26,7 +26,7 @@ from replay_service.window import nstep_window
 
 pytestmark = pytest.mark.learning
 
-ENV_STEPS = 12_000
+ENV_STEPS = 10_000
 START_STEPS = 1_000
 EVAL_EPISODES = 10
 THRESHOLD = -400.0
