@@ -69,7 +69,23 @@ class FakeCollector:
         self.stopping.set()
 
     def close(self) -> None:
-        pass
+        if self.plan == "slow_close":  # as a simulator that takes a while to shut down
+            started = time.time()
+            time.sleep(1.0)
+            # Recorded elsewhere: the supervisor kills the actor once it has closed.
+            ray.get(ray.get_actor("close_intervals").add.remote(self.index, started, time.time()))
+
+
+@ray.remote
+class CloseIntervals:
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[float, float]] = {}
+
+    def add(self, index: int, start: float, end: float) -> None:
+        self.seen[index] = (start, end)
+
+    def get(self) -> dict[int, tuple[float, float]]:
+        return self.seen
 
 
 @ray.remote(max_restarts=0)
@@ -196,6 +212,23 @@ def test_scaling_down_stops_the_highest_indices(local_ray: None) -> None:
     sup.scale_to(1)
     assert sorted(i for i, s in sup.slots.items() if not s.retiring) == [0]
     assert sup.progress.collectors_wanted == 1
+
+
+def test_scaling_down_closes_the_retired_collectors_all_at_once(local_ray: None) -> None:
+    intervals_actor = CloseIntervals.options(name="close_intervals").remote()  # type: ignore[attr-defined]
+    sup, made, out = _supervisor("slow_close", total=10_000)
+    for index in range(4):
+        sup.start_collector(index)
+    ray.get([made[(i, 0)].node.remote() for i in range(4)])  # constructed, not yet handed a call
+    sup.scale_to(1)
+    assert sorted(sup.slots) == [0]
+    assert out.getvalue().count("stopped (scaled down)") == 3
+    # Each close takes 1 s: they overlap (one wait for all), not one after another.
+    seen = ray.get(intervals_actor.get.remote())
+    ray.kill(intervals_actor)
+    assert sorted(seen) == [1, 2, 3], seen
+    intervals = list(seen.values())
+    assert max(start for start, _ in intervals) < min(end for _, end in intervals), intervals
 
 
 def _drive(sup: Supervisor, until: Any, timeout: float = 240.0) -> None:
