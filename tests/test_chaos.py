@@ -101,7 +101,7 @@ def test_chaos_run_reaches_its_budget(cluster: NetnsCluster, tmp_path: Path) -> 
     rng = random.Random(SEED)
     head, w1, w2 = cluster.nodes
     run_dir = tmp_path / "chaos"  # a local path every node shares here; see test_multinode for s3://
-    total = 4000
+    total = 5000
     proc, out = cluster.train(
         head,
         f"run.out_dir={run_dir}",
