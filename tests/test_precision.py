@@ -10,7 +10,7 @@ from common.config import LearnerConfig
 from common.networks import Actor, Critic, set_encoder_precision
 from common.schema import Batch
 from learner.agent import TD3Agent
-from learner.augment import augment_batch, random_shift
+from learner.augment import augment_batch, draw_corners, gather_shift, random_shift, shift
 from tests.fakes import random_batch
 
 
@@ -96,6 +96,24 @@ def test_random_shift_moves_obs_and_next_obs_together() -> None:
     sep.next_image = sep.image.clone()
     out2 = augment_batch(sep, "shift", generator=torch.Generator().manual_seed(2))
     assert torch.equal(out2.image, out2.next_image)
+
+
+def test_fast_cpu_shift_equals_the_gather_shift() -> None:
+    """The CPU path (a padded copy and a strided crop) gives exactly what the element-wise
+    gathers give, for uint8 and float frames, contiguous or not, at every corner."""
+    g = torch.Generator().manual_seed(7)
+    frames = torch.randint(0, 256, (64, 8, 84, 84), dtype=torch.uint8, generator=g)
+    for x in (frames, frames[:, :4], frames[:, 4:].float(), frames.transpose(2, 3)):
+        for pad in (1, 4):
+            corners = draw_corners(x.shape[0], pad, generator=g)
+            reference = gather_shift(x, corners, pad)
+            fast = shift(x, corners, pad)
+            assert fast.shape == x.shape and fast.dtype == x.dtype
+            assert torch.equal(fast, reference)
+    # Every corner of the (2 * pad + 1)^2 grid, including the replicated border rows.
+    x = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(1, 2, 3, 5).expand(25, 2, 3, 5)
+    corners = torch.stack(torch.meshgrid(torch.arange(5), torch.arange(5), indexing="ij")).reshape(2, 25)
+    assert torch.equal(shift(x, corners, 2), gather_shift(x, corners, 2))
 
 
 def test_actor_features_stay_bounded_while_training() -> None:
