@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import field
@@ -75,6 +76,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -156,6 +159,27 @@ def build_dataclass(section: str, cls: type, values: typing.Mapping[str, Any]) -
     return cls(**kwargs)
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only ``true`` and ``false``. YAML 1.1 also
+    reads ``on``, ``off``, ``yes`` and ``no`` as booleans, so ``replay.mirror=off`` would
+    arrive as False; a bool field still takes those words (:func:`coerce`)."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_BOOL_WORDS = {"on": True, "yes": True, "off": False, "no": False}
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed as YAML with :class:`YamlLoader`."""
+    return yaml.load(text, Loader=YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def parse_override(text: str, sections: typing.Collection[str]) -> tuple[str, str, Any]:
     """``'learner.batch_size=128'`` -> ``('learner', 'batch_size', 128)`` (value parsed as YAML);
     ``sections`` are the section names allowed before the dot."""
@@ -169,7 +193,7 @@ def parse_override(text: str, sections: typing.Collection[str]) -> tuple[str, st
     if section not in sections:
         raise ConfigError(f"unknown section {section!r} in {text!r}; sections: {', '.join(sections)}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
     # A path like 'runs/x' or a URL stays a string; only scalars YAML understands get typed.

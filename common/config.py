@@ -295,10 +295,11 @@ class ReplayConfig:
     )
     prefetch_batches: int = opt(4, "Ready batches the sampler keeps queued.", min=1)
     sampler_threads: int = opt(
-        0,
-        "Background threads fetching and decoding batches (decoding releases the GIL); 0 = auto: 1 for a CPU "
-        "learner (more only take cores from its compute), 4 for a CUDA learner.",
-        min=0,
+        -1,
+        "Background threads sampling batches (byte-range decoding releases the GIL); 0 = on the learner's own "
+        "thread; -1 = auto: 0 for a CPU learner with the resident mirror (a sampler thread there only takes "
+        "cores and the GIL from the update), 1 for a CPU learner without it, 4 for a CUDA learner.",
+        min=-1,
         max=32,
     )
     index_refresh_s: float = opt(0.25, "How often the sampler refreshes its view of the shards' contents.", min=0.0)
@@ -499,7 +500,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = coerce.load_yaml(p.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):

@@ -82,6 +82,21 @@ def test_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:
     assert load_config(path).learner.critic_lr == 0.0003
 
 
+def test_on_off_yes_no_are_words_for_text_fields_and_booleans_for_bool_fields(tmp_path: Path) -> None:
+    # YAML 1.1 reads off/on/yes/no as booleans: replay.mirror=off used to be refused as False.
+    cfg = load_config(None, ["replay.mirror=off", "learner.compile=yes", "learner.channels_last=off"])
+    assert (cfg.replay.mirror, cfg.learner.compile, cfg.learner.channels_last) == ("off", True, False)
+    path = tmp_path / "c.yaml"
+    path.write_text("replay:\n  mirror: off\nlearner:\n  compile: on\n  channels_last: false\n")
+    cfg = load_config(path)
+    assert (cfg.replay.mirror, cfg.learner.compile, cfg.learner.channels_last) == ("off", True, False)
+    assert (
+        load_config(None, [f"replay.mirror={cfg.replay.mirror}"]).replace("replay.mirror=host").replay.mirror == "host"
+    )
+    with pytest.raises(ConfigError, match=r"learner\.compile='maybe'"):
+        load_config(None, ["learner.compile=maybe"])
+
+
 def test_unknown_key_in_yaml_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("learner:\n  lr: 0.1\n")
