@@ -158,6 +158,14 @@ class Batch:
             return Batch.from_frames(fn(self.frames), **rest)
         return Batch(image=fn(self.image), next_image=fn(self.next_image), **rest)
 
+    def split(self, size: int) -> list[Batch]:
+        """Consecutive batches of ``size`` rows (the last may be shorter), as views."""
+
+        def rows(start: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda t: t[start : start + size]
+
+        return [self._map(rows(i)) for i in range(0, self.size, size)]
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 

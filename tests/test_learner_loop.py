@@ -165,6 +165,40 @@ def test_the_replay_sampler_and_the_test_sources_are_batch_sources(redis_url: st
         sampler.close()
 
 
+def test_a_learner_sampling_on_its_own_thread_starts_once_replay_fills(redis_url: str, tmp_path: Path) -> None:
+    """A CPU learner samples its resident mirror on its own thread (no sampler threads). While
+    replay fills it asks only for the size, so the size must follow the shards by itself, or
+    the learner would wait forever."""
+    from deploy.run.placement import source_factory
+    from replay_service.writer import ReplayWriter
+    from tests.test_replay import make_segment
+
+    cfg = load_config(
+        None,
+        [
+            *("learner.batch_size=8", "learner.hidden_dim=8", "learner.encoder=none", "collector.start_steps=20"),
+            *("replay.samples_per_insert=0", "replay.capacity=1000", "replay.index_refresh_s=0.05"),
+        ],
+    )
+    sampler = source_factory(cfg, [redis_url], pin_memory=False)()
+    learner = Learner(cfg, sampler, tmp_path)
+    try:
+        assert not sampler._threads
+        learner.train(4)
+        assert learner.updates == 0, "no updates before collector.start_steps transitions"
+        writer = ReplayWriter([redis_url], capacity=1000)
+        for i in range(3):
+            writer.write(make_segment(t=10, episode=i))
+        writer.close()
+        for _ in range(100):
+            learner.train(4)
+            if learner.updates:
+                break
+        assert learner.updates == 4
+    finally:
+        learner.close()
+
+
 def test_cpu_threads_keep_the_fastest_count_and_retune() -> None:
     counts: list[int] = [4]
     threads = CpuThreads(

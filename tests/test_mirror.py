@@ -4,6 +4,7 @@ refill, corrupt segments, slot reuse and the memory check."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import numpy as np
@@ -16,6 +17,7 @@ from replay_service import mirror as mirror_mod
 from replay_service.codec import parse_index
 from replay_service.errors import ShardUnavailable
 from replay_service.launcher import RedisShardProcess
+from replay_service.metric_keys import WAIT_SECONDS_TOTAL
 from replay_service.mirror import UnitRing, check_memory, mirror_units, resolve_mode
 from replay_service.sampler import ReplaySampler
 from replay_service.shards import ShardSet, segment_key
@@ -53,6 +55,59 @@ def test_mirror_and_byte_ranges_draw_the_same_distribution() -> None:
     assert scipy_stats.chisquare(observed[0])[1] > 1e-3, "the mirror is not uniform over stored transitions"
     _, p_same, _, _ = scipy_stats.chi2_contingency(observed)
     assert p_same > 1e-3, f"mirror and byte-range batches differ in distribution (p={p_same:.2e})"
+
+
+def test_bulk_draws_hand_out_exact_uniform_batches() -> None:
+    """Frameless batches drawn 8 at a time (a vector-only learner's) hold exactly their
+    transitions' records and stay uniform over the stored transitions."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    segs = [make_segment(t=t, episode=i) for i, t in enumerate([2, 5, 12, 1, 20, 7])]
+    where = {seg.vectors[t].tobytes(): (i, t) for i, seg in enumerate(segs) for t in range(seg.num_transitions)}
+    counts: Counter[tuple[int, int]] = Counter()
+    with ShardSet(num_shards=2) as shards:
+        w = ReplayWriter(shards.urls, capacity=10_000)
+        for seg in segs:
+            w.write(seg)
+        w.close()
+        with ReplaySampler(shards.urls, 64, prefetch=0, seed=5, frames=False, bulk=8, **HOST) as s:
+            assert s.bulk == 8
+            for _ in range(240):
+                batch = next(s)
+                assert batch.size == 64 and batch.image.shape == (64, 1, 1, 1)
+                for row in range(64):
+                    ep, t = where[batch.vector[row].numpy().tobytes()]
+                    assert np.array_equal(batch.next_vector[row].numpy(), segs[ep].vectors[t + 1])
+                    assert np.array_equal(batch.action[row].numpy(), segs[ep].actions[t])
+                    assert batch.policy_version[row].item() == t + 7
+                    counts[(ep, t)] += 1
+        # With the rate limiter on, one draw must fit its window (2 * tolerance samples).
+        with ReplaySampler(shards.urls, 64, prefetch=0, samples_per_insert=1.0, spi_tolerance=100, bulk=8, **HOST) as s:
+            assert s.bulk == 3
+    cells = [(i, t) for i, seg in enumerate(segs) for t in range(seg.num_transitions)]
+    assert set(counts) == set(cells) and sum(counts.values()) == 240 * 64
+    assert scipy_stats.chisquare([counts[c] for c in cells])[1] > 1e-3, "bulk draws are not uniform"
+
+
+def test_sampling_on_the_learners_thread_returns_none_after_its_timeout(redis_url: str) -> None:
+    """Without sampler threads, next_batch(timeout) samples on the caller's thread and gives up
+    after the timeout (replay below min_size, or the rate limiter), as the threads' queue
+    would, so a learner's train() call returns; the time counts as data wait."""
+    w = ReplayWriter([redis_url], capacity=1000)
+    w.write(make_segment(t=8))
+    with ReplaySampler([redis_url], 4, prefetch=0, min_size=20, **HOST) as s:
+        start = time.monotonic()
+        assert s.next_batch(timeout=0.3) is None
+        assert 0.3 <= time.monotonic() - start < 5
+        assert s.metrics()[WAIT_SECONDS_TOTAL] >= 0.3
+    # One sample per insert, tolerance 3: with 8 inserted, 8 may be sampled (a third batch of 4
+    # would take the ratio past its window) until more is inserted.
+    with ReplaySampler([redis_url], 4, prefetch=0, samples_per_insert=1.0, spi_tolerance=3, **HOST) as s:
+        got = [s.next_batch(timeout=0.3) for _ in range(3)]
+        assert [b is not None for b in got] == [True, True, False]
+        w.write(make_segment(t=8, index=1))
+        batch = s.next_batch(timeout=5.0)
+        assert batch is not None and batch.size == 4
+    w.close()
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["decoded-into-ring", "staged-then-copied"])
@@ -205,7 +260,7 @@ def test_memory_check_names_the_fields(redis_url: str) -> None:
 
 
 def test_source_factory_passes_the_mirror_mode(redis_url: str) -> None:
-    from deploy.run.placement import source_factory
+    from deploy.run.placement import sampler_threads, source_factory
 
     cfg = load_config(None, ["replay.mirror=host", "replay.capacity=2000", "replay.samples_per_insert=0"])
     sampler = source_factory(cfg, [redis_url], pin_memory=False)(prefetch=0)
@@ -214,12 +269,17 @@ def test_source_factory_passes_the_mirror_mode(redis_url: str) -> None:
         assert sampler.metrics()["replay_sampler/mirror_units"] == mirror_units(2000, cfg.collector.segment_length)
     finally:
         sampler.close()
-    cfg = load_config(None, ["replay.samples_per_insert=0"])
-    sampler = source_factory(cfg, [redis_url], pin_memory=False)(prefetch=0)
+    cfg = load_config(None, ["replay.samples_per_insert=0", "learner.encoder=none"])
+    sampler = source_factory(cfg, [redis_url], pin_memory=False)()
     try:
         assert sampler.mirror == "host", "auto on a CPU learner"
+        assert not sampler._threads, "a CPU learner samples its resident mirror on its own thread"
+        assert sampler.bulk == 8, "frameless batches are drawn 8 at a time"
     finally:
         sampler.close()
+    assert sampler_threads(cfg, cuda=False) == 0 and sampler_threads(cfg, cuda=True) == 4
+    assert sampler_threads(cfg.replace("replay.mirror=off"), cuda=False) == 1
+    assert sampler_threads(cfg.replace("replay.sampler_threads=2"), cuda=False) == 2
 
 
 @pytest.mark.gpu

@@ -2,7 +2,9 @@
 
 Three figures on the same machine, batch size and networks:
 
-* ``updates_per_s_synthetic``: convoy's learner on batches already on the device;
+* ``updates_per_s_synthetic``: convoy's learner on batches already on the device (each update
+  still augments its batch, ``learner.augment``, as in training: that is the update's work,
+  not the replay path's);
 * ``updates_per_s_fed``: convoy's learner fed through the real ReplaySampler from a real
   redis-server shard filled with embedded-simulator frames by the real ReplayWriter, in the
   sampler mode ``replay.mirror`` picks (``auto``: the resident mirror, on the GPU when there
@@ -18,20 +20,24 @@ Three figures on the same machine, batch size and networks:
 ``--variants before,after,bf16,batch256[,compile]`` adds ``variants``: fed updates/s of each
 learner setting, measured in the same run, in interleaved chunks (so a machine shared with
 other work loads every variant alike), from one shard: ``before`` is the learner as it used
-to pick its CPU threads (every core), ``after`` as configured now (threads tuned,
-learner/threads.py), ``bf16`` forces bf16 autocast, ``batch256`` is batch 256 (compare
-``samples_per_s``), ``compile`` turns on torch.compile (``setup_s`` includes its compile
-time). ``cpu`` reports the CPU model and the flags that decide precision and kernels.
+to run on a CPU (torch on every core, one sampler thread beside the update, and the random
+shift by element-wise gathers, ``learner.augment.gather_shift``: the same shifts and the same
+math, only slower), ``after`` as configured now (threads tuned, learner/threads.py; sampling on
+the learner's thread, deploy/run/placement.py ``sampler_threads``), ``bf16`` forces bf16
+autocast, ``batch256`` is batch 256 (compare ``samples_per_s``), ``compile`` turns on
+torch.compile (``setup_s`` includes its compile time). ``cpu`` reports the CPU model and the
+flags that decide precision and kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +48,7 @@ from common.sysutil import cpu_flags, tune_malloc_for_bulk_buffers
 from deploy.bench.data import record_segments
 from deploy.bench.td3_baseline import StraightforwardTD3
 from deploy.cli.base import print_result
+from learner import augment
 from learner.agent import TD3Agent
 from learner.loop import Learner
 from replay_service.metric_keys import WAIT_SECONDS_TOTAL
@@ -57,7 +64,8 @@ def _say(msg: str) -> None:
 def _rate(step: Callable[[int], None], chunk: int, min_seconds: float, min_updates: int, warmup: int) -> float:
     """Updates/s of ``step(n)`` (runs n updates) after ``warmup`` updates, over at least
     ``min_seconds`` and ``min_updates``."""
-    step(warmup)
+    if warmup:
+        step(warmup)
     done, start = 0, time.perf_counter()
     while done < min_updates or time.perf_counter() - start < min_seconds:
         step(chunk)
@@ -89,7 +97,7 @@ def _batch_from(data: dict[str, np.ndarray], idx: np.ndarray) -> Batch:
 
 
 class DeviceBatches:
-    """A BatchSource cycling a few batches that already sit on the device in the learner's layout."""
+    """A BatchSource cycling a few batches that already sit on the device."""
 
     def __init__(self, cfg: ConvoyConfig, data: dict[str, np.ndarray], device: torch.device, count: int = 4) -> None:
         rng = np.random.default_rng(0)
@@ -97,8 +105,8 @@ class DeviceBatches:
         self.batches = [_batch_from(data, rng.integers(n, size=cfg.learner.batch_size)) for _ in range(count)]
         self.i = 0
 
-    def prepare_with(self, agent: TD3Agent) -> None:
-        self.batches = [agent.prepare(b) for b in self.batches]
+    def move_to(self, agent: TD3Agent) -> None:
+        self.batches = [b.to(agent.device) for b in self.batches]
 
     @property
     def size(self) -> int:
@@ -136,6 +144,16 @@ def _bench_config(device: str, batch_size: int, replay_transitions: int, overrid
     )
 
 
+def _settle(learner: Learner, timing: _Timing) -> None:
+    """Warm-up updates, then the CPU thread tuner's trials (learner/threads.py): set-up, not
+    measured, as a long run spends them once at its start."""
+    learner.train(timing.warmup)
+    threads = learner.threads
+    while threads is not None and threads.tuning:
+        learner.train(1)
+    timing.sync()
+
+
 class _Timing:
     """How one figure is timed on ``dev``: updates per chunk, warm-up updates, and the
     device synchronisation that makes a chunk's time include its GPU work."""
@@ -152,18 +170,19 @@ class _Timing:
 
 
 def _synthetic_rate(cfg: ConvoyConfig, data: dict[str, np.ndarray], timing: _Timing, min_seconds: float) -> float:
-    """The learner loop on batches already on the device (prepared once), so fed_ratio
+    """The learner loop on batches already on the device, so fed_ratio
     isolates what the replay path costs."""
     with tempfile.TemporaryDirectory(prefix="convoy-bench-") as tmp:
         synthetic_source = DeviceBatches(cfg, data, timing.dev)
         learner = Learner(cfg, synthetic_source, tmp)
-        synthetic_source.prepare_with(learner.agent)
+        synthetic_source.move_to(learner.agent)
+        _settle(learner, timing)
 
         def synthetic(n: int) -> None:
             learner.train(n)
             timing.sync()
 
-        rate = _rate(synthetic, timing.chunk, min_seconds, 4 * timing.chunk, timing.warmup)
+        rate = _rate(synthetic, timing.chunk, min_seconds, 4 * timing.chunk, 0)
         learner.close()
     return rate
 
@@ -195,12 +214,13 @@ def _fed_rate(
         source.refresh_index()
         with tempfile.TemporaryDirectory(prefix="convoy-bench-") as tmp:
             learner = Learner(cfg, source, tmp)
+            _settle(learner, timing)
 
             def fed(n: int) -> None:
                 learner.train(n)
                 timing.sync()
 
-            rate = _rate(fed, timing.chunk, min_seconds, 4 * timing.chunk, timing.warmup)
+            rate = _rate(fed, timing.chunk, min_seconds, 4 * timing.chunk, 0)
             sampler_metrics = source.metrics()
             learner.close()
     return rate, sampler_metrics
@@ -220,7 +240,7 @@ def _baseline_rate(
 
 
 VARIANTS: dict[str, list[str]] = {
-    "before": [f"learner.num_threads={os.cpu_count() or 1}"],
+    "before": [f"learner.num_threads={os.cpu_count() or 1}", "replay.sampler_threads=1"],
     "after": [],
     "bf16": ["learner.precision=bf16"],
     "batch256": ["learner.batch_size=256"],
@@ -238,6 +258,21 @@ def cpu_info() -> dict[str, object]:
     except OSError:
         pass
     return {"model": model, "cores": os.cpu_count(), "flags": [f for f in _REPORTED_FLAGS if f in cpu_flags()]}
+
+
+@contextlib.contextmanager
+def _shift_of(variant: str) -> Iterator[None]:
+    """The random shift's implementation while ``variant`` trains: ``before`` has the
+    element-wise gathers the learner used to run (the same shifts from the same draws)."""
+    if variant != "before":
+        yield
+        return
+    fast = augment.shift
+    augment.shift = augment.gather_shift
+    try:
+        yield
+    finally:
+        augment.shift = fast
 
 
 def _variant_rates(
@@ -261,11 +296,8 @@ def _variant_rates(
             start = time.perf_counter()
             learners[name] = Learner(vcfg, source_factory(vcfg, shards.urls, pin_memory=timing.cuda)(), f"{tmp}/{name}")
             out[name] = {"batch_size": vcfg.learner.batch_size}
-            learners[name].train(timing.warmup)
-            threads = learners[name].threads
-            while threads is not None and threads.tuning:  # its thread trials are set-up, not measured
-                learners[name].train(1)
-            timing.sync()
+            with _shift_of(name):
+                _settle(learners[name], timing)
             out[name]["setup_s"] = time.perf_counter() - start
             _say(f"  {name}: ready after {out[name]['setup_s']:.1f} s")
         spent = dict.fromkeys(names, 0.0)
@@ -273,7 +305,8 @@ def _variant_rates(
         while min(spent.values()) < min_seconds or min(done.values()) < 2 * timing.chunk:
             for name in names:
                 start = time.perf_counter()  # each learner sets its own torch thread count
-                learners[name].train(timing.chunk)
+                with _shift_of(name):
+                    learners[name].train(timing.chunk)
                 timing.sync()
                 spent[name] += time.perf_counter() - start
                 done[name] += timing.chunk
