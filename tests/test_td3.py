@@ -217,11 +217,44 @@ def test_each_encoder_trains_and_keeps_its_512_features(encoder: str, precision:
 
 def test_channels_last_layout_and_uint8_until_the_device() -> None:
     agent = TD3Agent(LearnerConfig(hidden_dim=16, channels_last=True))
-    batch = agent.prepare(_batch())
-    assert batch.image.dtype == torch.uint8  # converted to float inside the CNN, on the device
+    raw = _batch()
+    assert raw.image.dtype == torch.uint8  # what travels
+    batch = agent.prepare(raw)
+    # Converted once on the device (image / 255), not in each encoder pass.
+    assert batch.image.dtype == batch.next_image.dtype == torch.float32
+    assert torch.equal(batch.image, raw.image.float() / 255)
     assert batch.image.is_contiguous(memory_format=torch.channels_last)
     conv = agent.critic.encoder.convs[0]
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("frames", [False, True], ids=["two-stacks", "shared-frames"])
+def test_images_converted_once_train_exactly_as_uint8_images(frames: bool) -> None:
+    """prepare() converts the stacks to float once; the update is bit-for-bit the one the
+    encoders' own conversion of uint8 input gives."""
+    raw = _batch(4, seed=3)
+    if frames:
+        stack = torch.cat([raw.image, raw.next_image[:, -1:]], dim=1)
+        rest = {
+            k: getattr(raw, k) for k in ("vector", "action", "reward", "next_vector", "terminated", "policy_version")
+        }
+        raw = Batch.from_frames(stack, **rest)
+    agents = []
+    for convert_once in (True, False):
+        torch.manual_seed(0)
+        agent = TD3Agent(LearnerConfig(hidden_dim=16, augment="none"))
+        batch = agent.prepare(raw)
+        if not convert_once:  # the uint8 stacks, laid out the same, converted inside each encoder
+            batch.image = (batch.image * 255).round().to(torch.uint8)
+            batch.next_image = (batch.next_image * 255).round().to(torch.uint8)
+        torch.manual_seed(1)  # the same target smoothing noise
+        for _ in range(2):  # a critic-only update, then one with the actor and the targets
+            agent.update(batch)
+        agents.append(agent)
+    once, each = (a.state_dicts() for a in agents)
+    for net in once:
+        for name, tensor in once[net].items():
+            assert torch.equal(tensor, each[net][name]), f"{net}.{name}"
 
 
 @pytest.mark.gpu
@@ -233,7 +266,7 @@ def test_cuda_path_bf16_fused_pinned(compile_: bool) -> None:
     batch = _batch(4).pin_memory()
     assert batch.image.is_pinned()
     cuda_batch = agent.prepare(batch)
-    assert cuda_batch.image.device.type == "cuda" and cuda_batch.image.dtype == torch.uint8
+    assert cuda_batch.image.device.type == "cuda" and cuda_batch.image.dtype == torch.float32
     for _ in range(4):
         metrics = agent.update(cuda_batch)
     torch.cuda.synchronize()
