@@ -297,8 +297,8 @@ class ReplayConfig:
     sampler_threads: int = opt(
         -1,
         "Background threads sampling batches (byte-range decoding releases the GIL); 0 = on the learner's own "
-        "thread; -1 = auto: 0 for a CPU learner with the resident mirror (a sampler thread there only takes "
-        "cores and the GIL from the update), 1 for a CPU learner without it, 4 for a CUDA learner.",
+        "thread (measured faster for a CPU learner with the resident mirror); -1 = auto: 1 for a CPU learner, "
+        "4 for a CUDA learner.",
         min=-1,
         max=32,
     )

@@ -178,6 +178,7 @@ def test_a_learner_sampling_on_its_own_thread_starts_once_replay_fills(redis_url
         [
             *("learner.batch_size=8", "learner.hidden_dim=8", "learner.encoder=none", "collector.start_steps=20"),
             *("replay.samples_per_insert=0", "replay.capacity=1000", "replay.index_refresh_s=0.05"),
+            "replay.sampler_threads=0",
         ],
     )
     sampler = source_factory(cfg, [redis_url], pin_memory=False)()

@@ -269,16 +269,17 @@ def test_source_factory_passes_the_mirror_mode(redis_url: str) -> None:
         assert sampler.metrics()["replay_sampler/mirror_units"] == mirror_units(2000, cfg.collector.segment_length)
     finally:
         sampler.close()
-    cfg = load_config(None, ["replay.samples_per_insert=0", "learner.encoder=none"])
+    cfg = load_config(None, ["replay.samples_per_insert=0", "learner.encoder=none", "replay.sampler_threads=0"])
     sampler = source_factory(cfg, [redis_url], pin_memory=False)()
     try:
         assert sampler.mirror == "host", "auto on a CPU learner"
-        assert not sampler._threads, "a CPU learner samples its resident mirror on its own thread"
+        assert not sampler._threads, "sampler_threads=0: the learner samples on its own thread"
         assert sampler.bulk == 8, "frameless batches are drawn 8 at a time"
     finally:
         sampler.close()
-    assert sampler_threads(cfg, cuda=False) == 0 and sampler_threads(cfg, cuda=True) == 4
-    assert sampler_threads(cfg.replace("replay.mirror=off"), cuda=False) == 1
+    auto = cfg.replace("replay.sampler_threads=-1")
+    assert sampler_threads(auto, cuda=False) == 1 and sampler_threads(auto, cuda=True) == 4
+    assert sampler_threads(cfg, cuda=False) == 0
     assert sampler_threads(cfg.replace("replay.sampler_threads=2"), cuda=False) == 2
 
 

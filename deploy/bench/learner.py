@@ -22,8 +22,8 @@ learner setting, measured in the same run, in interleaved chunks (so a machine s
 other work loads every variant alike), from one shard: ``before`` is the learner as it used
 to run on a CPU (torch on every core, one sampler thread beside the update, and the random
 shift by element-wise gathers, ``learner.augment.gather_shift``: the same shifts and the same
-math, only slower), ``after`` as configured now (threads tuned, learner/threads.py; sampling on
-the learner's thread, deploy/run/placement.py ``sampler_threads``), ``bf16`` forces bf16
+math, only slower), ``after`` as configured now (threads tuned, learner/threads.py; sampling as
+``replay.sampler_threads`` says, deploy/run/placement.py), ``bf16`` forces bf16
 autocast, ``batch256`` is batch 256 (compare ``samples_per_s``), ``compile`` turns on
 torch.compile (``setup_s`` includes its compile time). ``cpu`` reports the CPU model and the
 flags that decide precision and kernels.
