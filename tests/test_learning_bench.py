@@ -24,7 +24,7 @@ SEGMENT = 16
 
 
 def summary_skipped(out: Path) -> float:
-    return float(json.loads((out / "c2-s0" / "summary.json").read_text())["eval"]["eval/skipped_total"])
+    return float(json.loads((out / "c2-s1" / "summary.json").read_text())["eval"]["eval/skipped_total"])
 
 
 def test_summaries_and_medians() -> None:
@@ -77,6 +77,8 @@ def test_bench_learning_tiny_run_json_and_replay_ratio(tmp_path: Path) -> None:
         "900",
         "--seeds",
         "1",
+        "--first-seed",
+        "1",
         "--eval-every",
         "300",
         "--eval-episodes",
@@ -121,13 +123,13 @@ def test_bench_learning_tiny_run_json_and_replay_ratio(tmp_path: Path) -> None:
         "final_return",
     ):
         assert key in run, key
-    assert run["collectors"] == 2 and run["seed"] == 0
+    assert run["collectors"] == 2 and run["seed"] == 1 and result["first_seed"] == 1
     assert 0.0 <= run["final_route_completion"] <= 1.0
     assert result["median_final_route_completion"] == run["final_route_completion"]
     # Evaluations ran during training (every 300 env steps after the warm-up) and at the end.
     evals = run["evaluations"]
     assert len(evals) >= 2 and evals[-1]["env_steps"] >= 900
-    history = [json.loads(x) for x in (out / "c2-s0" / "eval.jsonl").read_text().splitlines()]
+    history = [json.loads(x) for x in (out / "c2-s1" / "eval.jsonl").read_text().splitlines()]
     assert [h["env_steps"] for h in history] == [e["env_steps"] for e in evals]
     # At the exact cadence (run.eval_hold): every 150 updates (300 env steps * SPI / BATCH),
     # none skipped, each within one train call (updates_per_call=2) of its due point.
@@ -140,7 +142,7 @@ def test_bench_learning_tiny_run_json_and_replay_ratio(tmp_path: Path) -> None:
     # The rate limiter held the ratio: sampled transitions stay within the tolerance of
     # SPI * (inserted - warm-up). Sampled = updates * BATCH plus batches prefetched but not yet
     # trained on; inserted trails env steps by the collectors' unfinished segments.
-    summary = json.loads((out / "c2-s0" / "summary.json").read_text())
+    summary = json.loads((out / "c2-s1" / "summary.json").read_text())
     sampled = summary["updates"] * BATCH
     inserted = summary["env_steps"]
     slack = TOLERANCE + 6 * BATCH + SPI * 2 * SEGMENT

@@ -214,12 +214,13 @@ def _run_all(
     root: Path,
     target: float,
     max_seconds: float,
+    first_seed: int = 0,
 ) -> list[dict[str, Any]]:
     """One ``convoy train`` per collector count and seed, one after another, each logging to
     ``root/c<collectors>-s<seed>.log``; their records in that order."""
     runs: list[dict[str, Any]] = []
     for n in collectors:
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             run_dir = root / f"c{n}-s{seed}"
             cfg = learning_run_config(
                 config_path,
@@ -249,6 +250,7 @@ def run(
     out_dir: str | None,
     target: float = TARGET_ROUTE_COMPLETION,
     max_seconds: float = 0.0,
+    first_seed: int = 0,
 ) -> dict[str, Any]:
     from deploy.cli import default_config_path
     from learner.agent import resolve_device
@@ -258,7 +260,17 @@ def run(
     config_path = config or default_config_path()
     base = load_config(config_path, overrides)
     runs = _run_all(
-        config_path, overrides, env_steps, seeds, collectors, eval_every, eval_episodes, root, target, max_seconds
+        config_path,
+        overrides,
+        env_steps,
+        seeds,
+        collectors,
+        eval_every,
+        eval_episodes,
+        root,
+        target,
+        max_seconds,
+        first_seed,
     )
     first = [r for r in runs if r["collectors"] == collectors[0]]
     result: dict[str, Any] = {
@@ -271,6 +283,7 @@ def run(
         "env_steps": env_steps,
         "max_seconds": max_seconds,
         "seeds": seeds,
+        "first_seed": first_seed,
         "eval_every_env_steps": eval_every,
         "eval_episodes": eval_episodes,
         "samples_per_insert": base.replay.samples_per_insert,
@@ -297,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.0,
         help="also end each run after this many wall seconds (run.max_seconds; 0 = only the env-step budget)",
     )
-    p.add_argument("--seeds", type=int, default=3, help="runs per collector count, seeds 0..K-1")
+    p.add_argument("--seeds", type=int, default=3, help="runs per collector count, seeds F..F+K-1")
+    p.add_argument("--first-seed", type=int, default=0, help="F, the first seed (to add seeds to an earlier run)")
     p.add_argument("--collectors", type=_collector_counts, default=[2], help="collector counts, e.g. 2,4,8")
     p.add_argument("--eval-every", type=int, default=4_000, help="env steps between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation (fixed seeds)")
@@ -309,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("env_steps", "seeds", "eval_every", "eval_episodes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    if args.first_seed < 0:
+        p.error(f"--first-seed={args.first_seed}: must be >= 0")
     if args.max_seconds < 0:
         p.error(f"--max-seconds={args.max_seconds}: must be >= 0 (0 = no time limit)")
     result = run(
@@ -322,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out_dir,
         args.target,
         args.max_seconds,
+        args.first_seed,
     )
     if args.json:
         print_json(result)
