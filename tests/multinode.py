@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,8 +166,13 @@ class NetnsCluster:
             self._make_network()
             if setup is not None:
                 self.extra_env.update(setup(self))
-            for node in self.nodes:
-                self.start_node(node)
+            self.start_node(self.head)
+            # The workers join together (each `ray start` waits for its own raylet), then one
+            # check that the head lists them all.
+            with ThreadPoolExecutor(max_workers=max(1, len(self.nodes) - 1)) as pool:
+                for started in [pool.submit(self._ray_start, node) for node in self.nodes[1:]]:
+                    started.result()
+            self.wait_for_nodes()
         except BaseException:
             self.close()
             raise
@@ -208,6 +214,12 @@ class NetnsCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
             "RAY_USAGE_STATS_ENABLED": "0",
+            # The GCS declares a node dead after this many failed health checks in a row, this
+            # far apart (Ray's defaults: 5 x 3 s). These tests kill nodes on purpose; 3 x 1 s
+            # lets a run notice the loss ~12 s sooner. The per-check timeout stays Ray's 10 s,
+            # so a slow node on this loaded machine is not declared dead by mistake.
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
             "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
             "SDL_VIDEODRIVER": "offscreen",
         }
@@ -227,6 +239,11 @@ class NetnsCluster:
         return f"{self.head.address}:{self.RAY_PORT}"
 
     def start_node(self, node: Node) -> None:
+        """``ray start`` on ``node``; returns once the head lists it alive."""
+        self._ray_start(node)
+        self.wait_for_nodes()
+
+    def _ray_start(self, node: Node) -> None:
         cmd = [
             str(VENV_BIN / "ray"),
             "start",
@@ -250,7 +267,6 @@ class NetnsCluster:
         if result.returncode != 0:
             raise RuntimeError(f"ray start on {node.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         node.alive = True
-        self.wait_for_nodes()
 
     def ray_pids(self, node: Node) -> list[int]:
         """PIDs of every process living in ``node``'s namespace (all of them are Ray's)."""

@@ -7,7 +7,7 @@ import torch
 from actors.collector import Collector, collector_noise_std
 from actors.segments import SegmentBuilder
 from common.config import load_config
-from common.networks import Actor
+from common.networks import Actor, NumpyVectorPolicy
 from common.weights import WeightsError, message_to_bytes, pack_weights
 from tests.fakes import FakeDrivingEnv, ListSink
 
@@ -117,3 +117,36 @@ def test_episode_ids_are_unique_across_collectors() -> None:
 def test_noise_is_spread_across_collectors() -> None:
     cfg = _cfg(**{"collector.num_collectors": 3, "collector.noise_std": 0.1, "collector.noise_std_max": 0.3})
     assert [round(collector_noise_std(cfg, i), 6) for i in range(3)] == [0.1, 0.2, 0.3]
+
+
+def test_numpy_vector_policy_matches_the_torch_actor() -> None:
+    torch.manual_seed(1)
+    actor = Actor("none", 32).eval()
+    policy = NumpyVectorPolicy(actor)
+    vectors = np.random.default_rng(0).normal(0, 3, (64, 23)).astype(np.float32)
+    with torch.no_grad():
+        expected = actor(torch.zeros((64, 1, 1, 1), dtype=torch.uint8), torch.from_numpy(vectors)).numpy()
+    got = policy(vectors)
+    assert got.dtype == np.float32 and got.shape == (64, 2)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+    assert np.abs(got).max() <= 1.0 and np.abs(got).max() > 0.01  # tanh-squashed, not all zero
+    np.testing.assert_allclose(policy(vectors[3]), expected[3], rtol=0, atol=2e-6)  # one observation
+    with pytest.raises(ValueError, match="image encoder"):
+        NumpyVectorPolicy(Actor("nature", 8))
+
+
+def test_vector_collector_acts_with_each_loaded_version_as_the_torch_policy() -> None:
+    cfg = _cfg(**{"learner.encoder": "none", "learner.hidden_dim": 16, "collector.start_steps": 0})
+    col = Collector(cfg, 0, ListSink(), lambda: FakeDrivingEnv(episode_len=50))
+    obs, _ = FakeDrivingEnv(episode_len=50).reset(seed=3)
+    for version, seed in ((1, 0), (2, 1)):  # a later version must replace the numpy copy too
+        torch.manual_seed(seed)
+        actor = Actor("none", 16).eval()
+        col.set_weights(message_to_bytes(pack_weights(version, actor)))
+        state = col.rng.bit_generator.state
+        acted = col.act(obs)
+        col.rng.bit_generator.state = state  # the same noise draw, added to the torch action
+        with torch.no_grad():
+            mean = actor(torch.from_numpy(obs["image"])[None], torch.from_numpy(obs["vector"])[None])[0].numpy()
+        expected = np.clip(mean + col.rng.normal(0.0, col.noise_std, size=2), -1, 1).astype(np.float32)
+        np.testing.assert_allclose(acted, expected, rtol=0, atol=2e-6)
