@@ -30,7 +30,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,13 +165,10 @@ class NetnsCluster:
             self._make_network()
             if setup is not None:
                 self.extra_env.update(setup(self))
-            self.start_node(self.head)
-            # The workers join together (each `ray start` waits for its own raylet), then one
-            # check that the head lists them all.
-            with ThreadPoolExecutor(max_workers=max(1, len(self.nodes) - 1)) as pool:
-                for started in [pool.submit(self._ray_start, node) for node in self.nodes[1:]]:
-                    started.result()
-            self.wait_for_nodes()
+            # One node at a time: `ray start`s of several workers at once time out on a loaded
+            # 2-core machine ("The current node timed out during startup").
+            for node in self.nodes:
+                self.start_node(node)
         except BaseException:
             self.close()
             raise
@@ -240,10 +236,6 @@ class NetnsCluster:
 
     def start_node(self, node: Node) -> None:
         """``ray start`` on ``node``; returns once the head lists it alive."""
-        self._ray_start(node)
-        self.wait_for_nodes()
-
-    def _ray_start(self, node: Node) -> None:
         cmd = [
             str(VENV_BIN / "ray"),
             "start",
@@ -267,6 +259,7 @@ class NetnsCluster:
         if result.returncode != 0:
             raise RuntimeError(f"ray start on {node.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         node.alive = True
+        self.wait_for_nodes()
 
     def ray_pids(self, node: Node) -> list[int]:
         """PIDs of every process living in ``node``'s namespace (all of them are Ray's)."""

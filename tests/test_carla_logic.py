@@ -44,6 +44,24 @@ def test_route_projection_arc_length_and_signed_lateral() -> None:
     np.testing.assert_allclose(route.points_ahead(8.0, n=3, spacing=4.0), [[10, 2], [10, 6], [10, 10]])
 
 
+def test_points_ahead_are_exactly_the_scalar_lookups() -> None:
+    # The waypoints are looked up in one vectorised call each env step; each must be the
+    # scalar formula's point, bit for bit, before the start, inside and past the end.
+    rng = np.random.default_rng(0)
+    route = Route(np.cumsum(rng.uniform(0.5, 3.0, (40, 2)), axis=0))
+
+    def scalar(s: float) -> np.ndarray:
+        i = min(max(int(np.searchsorted(route.cumulative, s, side="right")) - 1, 0), len(route.points) - 2)
+        seg = route.points[i + 1] - route.points[i]
+        return route.points[i] + (s - route.cumulative[i]) / float(np.hypot(*seg)) * seg
+
+    for s in [-3.0, 0.0, 0.7, *rng.uniform(0, route.length, 50), route.length, route.length + 9.5]:
+        got = route.points_ahead(float(s), n=10, spacing=2.0)
+        assert got.shape == (10, 2)
+        np.testing.assert_array_equal(got, np.stack([scalar(float(s) + 2.0 * (k + 1)) for k in range(10)]))
+        np.testing.assert_array_equal(route.point_at(float(s)), scalar(float(s)))
+
+
 def test_route_projection_does_not_jump_to_a_nearby_later_part_of_the_route() -> None:
     # Out along y=0 and back along y=0.5: near the start, the return leg is closer in
     # arc length terms but must not be chosen while the ego is on the way out.
