@@ -98,6 +98,8 @@ def test_single_collector_noise_and_differences() -> None:
     diffs = sb3_differences(_cfg("learner.actor_lr=0.0001", "learner.encoder=nature_maxpool"))
     assert any("learning rate" in d for d in diffs)
     assert any("max-pool" in d for d in diffs)
+    assert not any("n_step" in d for d in diffs)  # the CPU profile's one-step targets
+    assert "one-step targets, not learner.n_step=3" in sb3_differences(_cfg("learner.n_step=3"))
 
 
 def _record(steps: int, seconds: float, rc: float) -> dict[str, float]:

@@ -208,6 +208,8 @@ def sb3_differences(cfg: ConvoyConfig) -> list[str]:
             out.append(f"no image augmentation (learner.augment={lc.augment})")
     if lc.encoder == "nature_maxpool":
         out.append("NatureCNN instead of the max-pool encoder")
+    if lc.n_step > 1:
+        out.append(f"one-step targets, not learner.n_step={lc.n_step}")
     if cfg.collector.num_collectors > 1 and cfg.collector.noise_std != cfg.collector.noise_std_max:
         out.append(f"one noise level, the collectors' mean {exploration_noise_std(cfg):.3g}")
     return out
