@@ -1,7 +1,7 @@
 """The real learner classes learn: TD3 on gymnasium's Pendulum-v1 (vector-only networks).
 
-Budget: 7,000 env steps, one update per step after 1,000 random steps; under two minutes on
-a 2-core CPU. Well-tuned TD3 reaches about -150 on Pendulum; the bar is -400. Measured on a
+Budget: 7,000 env steps, one update per step after 1,000 random steps; about 2.5 minutes
+on a 2-core CPU. Well-tuned TD3 reaches about -150 on Pendulum; the bar is -400. Measured on a
 2-core AVX2 CPU (seed 1, 10 evaluation episodes), mean returns with one-step / 3-step
 targets: -208 / -110 after 5,000 env steps, -129 / -110 after 7,000, -111 / -110 after 10,000.
 It must pass with one-step targets and with n-step returns (learner.n_step = 3, the windows

@@ -92,8 +92,9 @@ def sampler_threads(cfg: ConvoyConfig, cuda: bool) -> int:
     if cfg.replay.sampler_threads >= 0:
         return cfg.replay.sampler_threads
     # Sampling on the learner's own thread (0) measured faster for the CPU pixel learner, but
-    # it is not the default yet: a fresh-clone suite failed a multi-node stopping test twice
-    # with it and passed it alone three times; until that is understood, auto keeps a thread.
+    # it is not the default: it was made opt-in when a multi-node Ctrl-C test hung twice with
+    # it. That test has since hung once with a sampler thread too, so the hang is not the
+    # sampler's; auto keeps the setting every landed suite has passed with until it is found.
     return 4 if cuda else 1
 
 
