@@ -297,8 +297,8 @@ class ReplayConfig:
     sampler_threads: int = opt(
         -1,
         "Background threads sampling batches (byte-range decoding releases the GIL); 0 = on the learner's own "
-        "thread (measured faster for a CPU learner with the resident mirror); -1 = auto: 1 for a CPU learner, "
-        "4 for a CUDA learner.",
+        "thread (measured faster for a CPU learner with the resident mirror); -1 = auto: 4 for a CUDA learner; "
+        "for a CPU learner 0 with the mirror, 1 with replay.mirror=off.",
         min=-1,
         max=32,
     )

@@ -53,6 +53,10 @@ SMALL_RUN = [
 ]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
@@ -317,8 +321,15 @@ class NetnsCluster:
     def popen(
         self, node: Node, args: Sequence[str], env: Mapping[str, str] | None = None, **kw: object
     ) -> subprocess.Popen[str]:
+        # SIGINT back to its default in the child: a test suite started as a shell's background
+        # job (nohup, `make test &`) inherits SIGINT ignored, a convoy driver keeps an ignored
+        # SIGINT ignored (as a background job should), and a test's Ctrl-C would then do nothing.
         return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
-            ["ip", "netns", "exec", node.netns, *args], text=True, env=self.env(env), **kw
+            ["ip", "netns", "exec", node.netns, *args],
+            text=True,
+            env=self.env(env),
+            preexec_fn=_default_sigint,
+            **kw,
         )
 
     # ----- convoy runs ---------------------------------------------------------------

@@ -81,21 +81,20 @@ def source_factory(
 
 
 def sampler_threads(cfg: ConvoyConfig, cuda: bool) -> int:
-    """``replay.sampler_threads``, or its auto value (-1): 1 on a CPU learner, 4 on CUDA. With
-    0 a CPU learner samples on its own thread. A CPU learner's update keeps every core busy
-    (learner/threads.py), so a sampler thread beside it only competes: for the cores, and for
-    the GIL between the update's many small operations. Measured on a 2-core AVX2 CPU
-    (``convoy bench learner``), the batch-128 pixel learner made 4.03 fed updates/s with one
-    sampler thread and 4.70 sampling on its own thread (4.94 on ready batches); a draw from
-    the resident mirror costs 0.1-2.5 ms there. Byte-range sampling waits on the network,
-    which a thread hides; a CUDA learner's device work overlaps the host's."""
+    """``replay.sampler_threads``, or its auto value (-1): 4 on a CUDA learner; on a CPU
+    learner 0 (it samples on its own thread) with the resident mirror, 1 without it. A CPU
+    learner's update keeps every core busy (learner/threads.py), so a sampler thread beside it
+    only competes: for the cores, and for the GIL between the update's many small operations.
+    Measured on a 2-core AVX2 CPU (``convoy bench learner``), the batch-128 pixel learner made
+    4.03 fed updates/s with one sampler thread and 4.70 sampling on its own thread (4.94 on
+    ready batches); a draw from the resident mirror costs 0.1-2.5 ms there. Byte-range
+    sampling (``replay.mirror=off``) waits on the network, which a thread hides; a CUDA
+    learner's device work overlaps the host's."""
     if cfg.replay.sampler_threads >= 0:
         return cfg.replay.sampler_threads
-    # Sampling on the learner's own thread (0) measured faster for the CPU pixel learner, but
-    # it is not the default: it was made opt-in when a multi-node Ctrl-C test hung twice with
-    # it. That test has since hung once with a sampler thread too, so the hang is not the
-    # sampler's; auto keeps the setting every landed suite has passed with until it is found.
-    return 4 if cuda else 1
+    if cuda:
+        return 4
+    return 1 if cfg.replay.mirror == "off" else 0
 
 
 def collector_resources(cfg: ConvoyConfig) -> dict[str, float]:
