@@ -36,7 +36,7 @@ from common.metrics import Latency
 from common.networks import Actor, NumpyVectorPolicy
 from common.protocols import SegmentSink
 from common.schema import Observation, SchemaError, check_observation
-from common.weights import WeightsError, load_into, message_from_bytes
+from common.weights import WeightsError, WeightsMessage, load_into, message_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,11 @@ class Collector:
         self._consecutive_crashes = 0
         self.last_acting_version = 0
         self.acting_since = 0.0
+        # Weights offered from another thread while collect() runs (:meth:`offer`): the newest
+        # waits here and is loaded by collect()'s thread before its next step; the condition
+        # also wakes an offer waiting for the collector to act with its version.
+        self._offered: WeightsMessage | None = None
+        self._acting = threading.Condition()
         self._episode_return = 0.0
         self._obs = self._reset()
 
@@ -118,7 +123,35 @@ class Collector:
 
     def set_weights(self, message: bytes) -> int:
         """Load a weight message if it is newer than what we hold; returns the version held."""
+        return self._load(message_from_bytes(message))
+
+    def offer(self, message: bytes, timeout: float = 5.0) -> dict[str, float]:
+        """Weights for a collector in the middle of :meth:`collect`, from another thread (the
+        actor's weights thread): loaded by collect()'s own thread before its next step, so a
+        long call does not delay new weights by its length. Waits until the collector acts
+        with this version or a newer one (or ``timeout``, or ``stop``) and returns what it acts
+        with, and since when, as :meth:`metrics` names them: the driver's fan-out clock."""
         msg = message_from_bytes(message)
+        deadline = time.monotonic() + timeout
+        with self._acting:
+            held = self._offered.version if self._offered is not None else self.weights_version
+            if msg.version > held:
+                self._offered = msg
+            # In slices: ``stop`` is an Event that does not notify this condition.
+            while self.last_acting_version < msg.version and not self.stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._acting.wait(min(left, 0.25))
+            return {COLLECTOR_LAST_ACTING_VERSION: self.last_acting_version, COLLECTOR_ACTING_SINCE: self.acting_since}
+
+    def _load_offered(self) -> None:
+        with self._acting:
+            msg, self._offered = self._offered, None
+        if msg is not None:
+            self._load(msg)
+
+    def _load(self, msg: WeightsMessage) -> int:
         if msg.version > self.weights_version:
             try:
                 load_into(self.policy, msg.payload)
@@ -203,6 +236,8 @@ class Collector:
         for _ in range(num_steps):
             if self.stop.is_set():
                 break
+            if self._offered is not None:
+                self._load_offered()
             version = 0 if self.acting_randomly else self.weights_version
             if version > self.last_acting_version:
                 self.acting_since = time.time()
@@ -220,7 +255,10 @@ class Collector:
             self.run_env_steps += 1
             if version > 0:
                 self.policy_steps_total += 1
-                self.last_acting_version = version
+                if version != self.last_acting_version:
+                    with self._acting:
+                        self.last_acting_version = version
+                        self._acting.notify_all()
             try:
                 check_observation(next_obs)
                 if not math.isfinite(float(reward)):

@@ -27,7 +27,9 @@ class SinkFactory(Protocol):
 # ``node`` stay one at a time in the default group (the Collector is not thread-safe; only the
 # Event crosses threads). A deadline sent with each call could not know about a Ctrl-C that
 # comes later. (Ray's typed overloads of ``remote`` leave out ``concurrency_groups``.)
-@ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"control": 1})  # type: ignore[call-overload]
+# ``offer_weights`` has a group of its own too, so that newer weights reach a collector during a
+# long ``collect`` (they load between two of its steps) without ever delaying ``stop``.
+@ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"control": 1, "weights": 1})  # type: ignore[call-overload]
 class CollectorActor:
     """A Collector in its own process. Its metric dict goes back to the driver with every
     ``collect`` result; the driver exports all metrics, once (deploy/run/exporter.py).
@@ -74,6 +76,12 @@ class CollectorActor:
         if weights is not None:
             self.collector.set_weights(weights)
         return self.collector.collect(num_steps)
+
+    @ray.method(concurrency_group="weights")
+    def offer_weights(self, weights: bytes) -> dict[str, float]:
+        """Newer weights while ``collect`` runs; returns once the collector acts with them (or
+        after a few seconds), with the version it acts with and since when."""
+        return self.collector.offer(weights)
 
     @ray.method(concurrency_group="control")
     def stop(self) -> None:

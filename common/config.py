@@ -248,7 +248,13 @@ class CollectorConfig:
         0.3, "Noise of the last collector; others are spread linearly between (Ape-X style).", min=0.0
     )
     segment_length: int = opt(64, "Steps per replay segment; longer amortises the 4 boundary frames.", min=1, max=4096)
-    steps_per_call: int = opt(64, "Env steps per collect() call between weight refreshes.", min=1)
+    steps_per_call: int = opt(64, "Env steps per collect() call (each call also carries the newest weights).", min=1)
+    weights_every_s: float = opt(
+        0.5,
+        "A collector in the middle of a collect() call is offered newer weights at most this often (they load "
+        "before its next step, so weight fan-out does not wait for the call to end); 0 = weights only with each call.",
+        min=0.0,
+    )
     num_cpus: float = opt(1.0, "Ray CPUs reserved per collector.", min=0.0)
     resources: dict[str, float] | None = opt(  # noqa: RUF009 - _opt gives dicts a default_factory
         None,

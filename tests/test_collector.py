@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +153,56 @@ def test_vector_collector_acts_with_each_loaded_version_as_the_torch_policy() ->
             mean = actor(torch.from_numpy(obs["image"])[None], torch.from_numpy(obs["vector"])[None])[0].numpy()
         expected = np.clip(mean + col.rng.normal(0.0, col.noise_std, size=2), -1, 1).astype(np.float32)
         np.testing.assert_allclose(acted, expected, rtol=0, atol=2e-6)
+
+
+class _SlowEnv(FakeDrivingEnv):
+    """A step takes 5 ms of wall time, so that another thread acts while collect() runs."""
+
+    def step(self, action: np.ndarray):  # type: ignore[no-untyped-def]
+        time.sleep(0.005)
+        return super().step(action)
+
+
+def test_weights_offered_during_a_call_load_before_the_next_step() -> None:
+    cfg = _cfg(**{"learner.encoder": "none", "learner.hidden_dim": 8, "collector.start_steps": 0,
+                  "collector.segment_length": 4})  # fmt: skip
+    sink = ListSink()
+    col = Collector(cfg, 0, sink, lambda: _SlowEnv(episode_len=1000))
+    torch.manual_seed(0)
+    actor = Actor("none", 8)
+    col.set_weights(message_to_bytes(pack_weights(1, actor)))
+    replies: list[tuple[float, dict[str, float]]] = []
+
+    def offer_later() -> None:
+        time.sleep(0.3)  # well inside the call of 200 steps (at least 1 s)
+        offered_at = time.time()
+        replies.append((offered_at, col.offer(message_to_bytes(pack_weights(2, actor)))))
+
+    thread = threading.Thread(target=offer_later)
+    thread.start()
+    col.collect(200)
+    thread.join()
+    (offered_at, reply), = replies  # fmt: skip
+    assert reply["collector/last_acting_version"] == 2, "the offer returns once the collector acts with it"
+    assert offered_at <= reply["collector/acting_version_timestamp_seconds"] <= offered_at + 0.5
+    versions = np.concatenate([s.policy_versions for s in sink.segments])
+    switch = int(np.argmax(versions == 2))
+    assert 0 < switch < len(versions) - 50, "version 2 acted in the middle of the call"
+    assert (versions[:switch] == 1).all() and (versions[switch:] == 2).all()
+    # An older version changes nothing and returns at once; without a call running, an offer
+    # returns what the collector acts with after its timeout, and the next call loads it.
+    started = time.monotonic()
+    assert col.offer(message_to_bytes(pack_weights(1, actor)))["collector/last_acting_version"] == 2
+    assert time.monotonic() - started < 0.1 and col.weights_version == 2
+    assert col.offer(message_to_bytes(pack_weights(3, actor)), timeout=0.2)["collector/last_acting_version"] == 2
+    col.collect(1)
+    assert col.weights_version == 3 and col.metrics()["collector/last_acting_version"] == 3
+
+
+def test_an_offer_returns_when_the_collector_is_stopped() -> None:
+    cfg = _cfg(**{"learner.encoder": "none", "learner.hidden_dim": 8})
+    col = Collector(cfg, 0, ListSink(), lambda: FakeDrivingEnv())
+    threading.Timer(0.2, col.stop.set).start()
+    started = time.monotonic()
+    col.offer(message_to_bytes(pack_weights(1, Actor("none", 8))), timeout=30)
+    assert time.monotonic() - started < 2

@@ -29,16 +29,18 @@ def local_ray() -> Iterator[None]:
         ray.shutdown()
 
 
-@ray.remote(max_restarts=0, concurrency_groups={"control": 1})  # type: ignore[call-overload]
+@ray.remote(max_restarts=0, concurrency_groups={"control": 1, "weights": 1})  # type: ignore[call-overload]
 class FakeCollector:
-    """Counts steps like a collector; ``plan`` says how it misbehaves. ``stop`` runs in its own
-    concurrency group, as the real collector's does."""
+    """Counts steps like a collector; ``plan`` says how it misbehaves. ``stop`` and
+    ``offer_weights`` run in their own concurrency groups, as the real collector's do."""
 
     def __init__(self, index: int, incarnation: int, plan: str) -> None:
         self.index, self.incarnation, self.plan = index, incarnation, plan
         self.steps = 0
         self.calls = 0
         self.weights: list[bytes | None] = []
+        self.offers: list[tuple[bytes, int]] = []  # (weights, calls begun when offered)
+        self.in_call = False
         self.stopping = threading.Event()
 
     def node(self) -> dict[str, Any]:
@@ -47,6 +49,7 @@ class FakeCollector:
     def collect(self, num_steps: int, run_env_steps: int, weights: bytes | None) -> dict[str, float]:
         self.calls += 1
         self.weights.append(weights)
+        self.in_call = True
         if self.plan == "raise":
             raise RuntimeError(f"simulator of collector {self.index} is gone")
         if self.plan == "die_on_3" and self.incarnation == 0 and self.calls == 3:
@@ -55,6 +58,7 @@ class FakeCollector:
             self.stopping.wait(timeout=120)
         time.sleep(1.0 if self.plan == "slow" else 0.05)  # a replacement joins before the budget is reached
         self.steps += num_steps
+        self.in_call = False
         return {
             "collector/env_steps_total": self.steps,
             "collector/episodes_total": self.steps // 20,
@@ -63,6 +67,14 @@ class FakeCollector:
 
     def received(self) -> list[bytes | None]:
         return self.weights
+
+    @ray.method(concurrency_group="weights")
+    def offer_weights(self, weights: bytes) -> dict[str, float]:
+        self.offers.append((weights, self.calls if self.in_call else -1))
+        return {}
+
+    def offered(self) -> list[tuple[bytes, int]]:
+        return self.offers
 
     @ray.method(concurrency_group="control")
     def stop(self) -> None:
@@ -355,3 +367,28 @@ def test_hold_sends_no_collect_or_train_call_until_it_ends(local_ray: None) -> N
     sup.finish()
     assert state["end"] is not None and state["mid"] == state["end"], state
     assert sup.progress.env_steps >= 600
+
+
+@pytest.mark.parametrize("every", [0.2, 0.0])
+def test_collectors_in_a_long_call_are_offered_newer_weights(local_ray: None, every: float) -> None:
+    """collector.weights_every_s: a collector 1 s into a call gets newer weights then, not with
+    its next call; at most one offer every ``every`` seconds; 0 turns offers off."""
+    sup, made, _out = _supervisor("slow", total=200, **{"collector.weights_every_s": every, "collector.start_steps": 0})
+    started = time.monotonic()
+    assert sup.run() == "budget"
+    took = time.monotonic() - started
+    sup.finish()
+    offered = [o for index in (0, 1) for o in ray.get(made[(index, 0)].offered.remote())]
+    if not every:
+        assert offered == []
+        return
+    assert offered, "no offer reached a collector in the middle of its call"
+    assert all(w.startswith(b"w") for w, _ in offered)
+    # Most reach it inside a call; one sent as a call ends may arrive just after it (the real
+    # collector then loads it before the first step of its next call).
+    inside = sum(during > 0 for _, during in offered)
+    assert inside >= len(offered) / 2, offered
+    for index in (0, 1):
+        versions = [int(w[1:]) for w, _ in ray.get(made[(index, 0)].offered.remote())]
+        assert versions == sorted(set(versions)), "each offer is newer than the last"
+        assert len(versions) <= took / every + 1

@@ -74,6 +74,8 @@ class Slot:
     node: str = ""
     pid: int = 0  # the actor's process id on its node (reported at placement)
     busy_steps: int = 0  # env steps of the call in flight (0: none)
+    offering: bool = False  # an offer_weights call in flight
+    offered_at: float = 0.0  # monotonic time of the last offer
     retiring: bool = False
     started_at: float = field(default_factory=time.monotonic)
 
@@ -151,6 +153,7 @@ class Supervisor:
             "train": Handler(learner, self._on_trained, learner_failed, on_final=self._final_train),
             "shard": Handler(self._shard_current, self._on_shard_metrics, self._shard_failed),
             "shard_placed": Handler(self._shard_current, self._on_shard_placed, self._shard_failed),
+            "offer": Handler(coll, self._on_offered, self._offer_failed),
         }
 
     def _periodic(self, now: float) -> list[Periodic]:
@@ -161,6 +164,8 @@ class Supervisor:
             Periodic(1.0, self._poll_shards, when=lambda: not self._in_flight("shard")),
             Periodic(0.2, self._replace_due_shards),
         ]
+        if self.cfg.collector.weights_every_s > 0:
+            tasks.append(Periodic(min(self.cfg.collector.weights_every_s, 0.25), self.offer_weights))
         if self.on_tick is not None:
             on_tick = self.on_tick
             tasks.append(Periodic(0.0, lambda: on_tick(self.progress)))
@@ -229,6 +234,34 @@ class Supervisor:
         slot.busy_steps = steps
         self.in_flight_steps += steps
         self.pending[ref] = ("collect", slot.index, slot.actor)
+
+    def offer_weights(self) -> None:
+        """Offer the newest weights to collectors in the middle of a call that do not hold them
+        (one offer in flight per collector, at most every ``collector.weights_every_s``): with
+        64-step calls at CARLA's ~15 steps/s a call lasts about 4 s, and the next call's
+        weights would come that much later."""
+        version, ref = self.weights.latest()
+        if ref is None or self.progress.env_steps < self.cfg.collector.start_steps:
+            return  # nothing yet, or collectors still act randomly and would not take it up
+        now = time.monotonic()
+        for slot in self.slots.values():
+            if slot.offering or not slot.busy_steps or slot.retiring or not self.weights.needs(slot.index):
+                continue
+            if now - slot.offered_at < self.cfg.collector.weights_every_s:
+                continue
+            self.pending[slot.actor.offer_weights.remote(ref)] = ("offer", slot.index, slot.actor)
+            self.weights.sent(slot.index, version)
+            slot.offering, slot.offered_at = True, now
+
+    def _on_offered(self, index: int, result: dict[str, float]) -> None:
+        self.slots[index].offering = False
+        self._time_fanout(index, result)
+
+    def _offer_failed(self, index: int, exc: BaseException) -> None:
+        # A collector that died fails its collect call too, which replaces it; weights whose
+        # learner died are gone with it (the next learner publishes newer ones).
+        self.slots[index].offering = False
+        log.info("collector %d: weights offer failed: %s", index, describe_failure(exc))
 
     def _retire(self, *slots: Slot) -> None:
         """Stop collectors removed by scaling down, closing them all at once (10 s in all, not
@@ -403,6 +436,8 @@ class Supervisor:
                 raise TypeError(f"the learner returned weights as {type(ref).__name__}, not an object reference")
             self.weights.publish(version, ref)
             self.progress.fanout.published(version, self._live_indices())
+            if self.cfg.collector.weights_every_s > 0:
+                self.offer_weights()
         took = self.restarts.learner_trained(metrics)
         if took is not None:
             self.say(f"learner updating again {took:.1f}s after the failure")
