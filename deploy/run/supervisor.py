@@ -21,8 +21,10 @@ that owns ``pending`` and the actor handles; the shard table's own rules (states
 bound) live apart in deploy/run/shardtable.py.
 
 Each actor has exactly one call in flight: collectors ``collect(steps_per_call)``, the
-learner ``train(updates_per_call)``. Collectors that wait for resources (a CARLA node the
-autoscaler is still bringing up) join when Ray places them: the run starts with one.
+learner ``train(updates_per_call)``; beside it a collector may have one ``offer_weights``
+(newer weights during a long call, in the actor's own concurrency group). Collectors that
+wait for resources (a CARLA node the autoscaler is still bringing up) join when Ray places
+them: the run starts with one.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 The learner puts each version it publishes into Ray's object store itself and returns only
 the reference with its ``train`` result; the driver never holds weight bytes, and every
-collector gets the reference with its next ``collect`` call, once per version (the idea of
-Sample Factory's ParameterServer and ParameterClient). A collector slot that was never sent
-anything (a new or a replacement actor) needs the newest weights with its first call.
+collector gets the reference once per version: with its next ``collect`` call, or offered in
+the middle of a call (``collector.weights_every_s``; the idea of Sample Factory's
+ParameterServer and ParameterClient). A collector slot that was never sent anything (a new or
+a replacement actor) needs the newest weights with its first call.
 """
 
 from __future__ import annotations
