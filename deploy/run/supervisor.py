@@ -166,8 +166,7 @@ class Supervisor:
             Periodic(1.0, self._poll_shards, when=lambda: not self._in_flight("shard")),
             Periodic(0.2, self._replace_due_shards),
         ]
-        if self.cfg.collector.weights_every_s > 0:
-            tasks.append(Periodic(min(self.cfg.collector.weights_every_s, 0.25), self.offer_weights))
+        tasks.append(Periodic(0.25, self.offer_weights))  # retries offers the rate limit held back
         if self.on_tick is not None:
             on_tick = self.on_tick
             tasks.append(Periodic(0.0, lambda: on_tick(self.progress)))
@@ -242,14 +241,15 @@ class Supervisor:
         (one offer in flight per collector, at most every ``collector.weights_every_s``): with
         64-step calls at CARLA's ~15 steps/s a call lasts about 4 s, and the next call's
         weights would come that much later."""
+        every = self.cfg.collector.weights_every_s
         version, ref = self.weights.latest()
-        if ref is None or self.progress.env_steps < self.cfg.collector.start_steps:
-            return  # nothing yet, or collectors still act randomly and would not take it up
+        if not every or ref is None or self.progress.env_steps < self.cfg.collector.start_steps:
+            return  # turned off, nothing yet, or collectors still act randomly and would not take it up
         now = time.monotonic()
         for slot in self.slots.values():
             if slot.offering or not slot.busy_steps or slot.retiring or not self.weights.needs(slot.index):
                 continue
-            if now - slot.offered_at < self.cfg.collector.weights_every_s:
+            if now - slot.offered_at < every:
                 continue
             self.pending[slot.actor.offer_weights.remote(ref)] = ("offer", slot.index, slot.actor)
             self.weights.sent(slot.index, version)
@@ -438,8 +438,7 @@ class Supervisor:
                 raise TypeError(f"the learner returned weights as {type(ref).__name__}, not an object reference")
             self.weights.publish(version, ref)
             self.progress.fanout.published(version, self._live_indices())
-            if self.cfg.collector.weights_every_s > 0:
-                self.offer_weights()
+            self.offer_weights()
         took = self.restarts.learner_trained(metrics)
         if took is not None:
             self.say(f"learner updating again {took:.1f}s after the failure")
