@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from actors.envs import make_env
-from actors.envs.driving import to_ego_frame, wrap_angle
-from actors.envs.embedded import EmbeddedDrivingEnv
+from actors.envs.driving import GRAY_WEIGHTS, to_ego_frame, wrap_angle
+from actors.envs.embedded import RENDER_SCALING, RENDER_SIZE, RENDER_VIEW_SCALING, EmbeddedDrivingEnv
 from common.config import EnvConfig
-from common.schema import check_observation
+from common.schema import FRAME_SHAPE, check_observation
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,31 @@ def test_frames_are_not_blank_and_change(env: EmbeddedDrivingEnv) -> None:
     assert not np.array_equal(img[0], img[-1])
 
 
+def test_frames_have_the_renders_orientation() -> None:
+    """The policy's frame is the centre of the colour render, in grayscale at half the scale:
+    rows are the screen's rows. (highway-env's own grayscale observation is transposed.)"""
+    env = EmbeddedDrivingEnv(EnvConfig(max_episode_steps=400, other_vehicles=1), render_mode="rgb_array")
+    try:
+        for seed in range(3):
+            obs, _ = env.reset(seed=seed)
+            for _ in range(3 * seed):
+                obs, *_ = env.step(np.array([0.0, 0.5], np.float32))
+            frame = obs["image"][-1].astype(np.float64)
+            render = env.render()
+            assert render is not None
+            # The render's centre shows what the frame shows, at `zoom` times its pixels per metre.
+            gray = render.astype(np.float64) @ np.array(GRAY_WEIGHTS)
+            size, zoom = FRAME_SHAPE[0], int(RENDER_VIEW_SCALING / RENDER_SCALING)
+            lo = (RENDER_SIZE - size * zoom) // 2
+            centre = gray[lo : lo + size * zoom, lo : lo + size * zoom]
+            centre = centre.reshape(size, zoom, size, zoom).mean(axis=(1, 3))
+            same = np.corrcoef(frame.ravel(), centre.ravel())[0, 1]
+            transposed = np.corrcoef(frame.T.ravel(), centre.ravel())[0, 1]
+            assert same > 0.7 and transposed < 0.3, (seed, same, transposed)
+    finally:
+        env.close()
+
+
 def test_stack_shifts_by_one_frame_per_step(env: EmbeddedDrivingEnv) -> None:
     obs, _ = env.reset(seed=5)
     nxt, *_ = env.step(np.array([0.0, 0.5], np.float32))
@@ -107,7 +132,7 @@ def test_dummy_video_driver_is_overridden() -> None:
     """Under SDL_VIDEODRIVER=dummy highway-env renders black frames; the env must not."""
     code = (
         "import numpy as np\n"
-        "from actors.envs.embedded import EmbeddedDrivingEnv\n"
+        "from actors.envs.embedded import RENDER_SCALING, RENDER_SIZE, RENDER_VIEW_SCALING, EmbeddedDrivingEnv\n"
         "e = EmbeddedDrivingEnv(); o, _ = e.reset(seed=0)\n"
         "assert o['image'].std() > 5, 'blank frames'\n"
         "print('ok')\n"

@@ -122,7 +122,10 @@ class EmbeddedDrivingEnv(gym.Env[Observation, np.ndarray]):
     def _frame(self) -> np.ndarray:
         self._viewer.observer_vehicle = self._sim.vehicle
         self._viewer.display()
-        rgb = np.moveaxis(self._viewer.get_image(), 0, 1)  # (H, W, 3)
+        # get_image() is already rows x columns (H, W, 3). highway-env's own
+        # GrayscaleObservation moves the axes once more and so hands out transposed frames
+        # (column-major, x down); ours keep the screen's orientation, as a camera's do.
+        rgb = self._viewer.get_image()
         return np.dot(rgb[..., :3], GRAY_WEIGHTS).clip(0, 255).astype(np.uint8)
 
     def _lane_state(self) -> tuple[float, float, float]:
