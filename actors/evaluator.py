@@ -19,6 +19,7 @@ the driver; ``convoy evaluate --video`` passes its own recorder to record every 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,8 +56,15 @@ ENDINGS = ("route_completed", "collision", "off_road", "time_limit")
 EVAL_DRIVING_PREFIX = EVAL_PREFIX + DRIVING_PREFIX
 
 
+class EvaluationStopped(RuntimeError):
+    """:meth:`Evaluator.evaluate` ended early because ``stopping`` was set (the run is ending)."""
+
+
 class Evaluator:
-    """Runs ``episodes`` deterministic episodes of the newest weights it was given."""
+    """Runs ``episodes`` deterministic episodes of the newest weights it was given.
+
+    ``stopping`` (a thread-safe Event) ends an evaluation in flight after its current step
+    with :class:`EvaluationStopped`, so a run that is ending need not wait for its episodes."""
 
     def __init__(
         self,
@@ -84,6 +92,7 @@ class Evaluator:
         self.publish_videos = publish_videos and cfg.run.video_every_evals > 0
         self.videos_total = 0
         self.last_video = ""
+        self.stopping = threading.Event()
 
     def set_weights(self, message: bytes) -> int:
         """Load a weight message (any version: the driver may evaluate an older checkpoint)."""
@@ -122,6 +131,8 @@ class Evaluator:
             recorder.reset(self.env, obs)
         total, n, done = 0.0, 0, False
         while not done:
+            if self.stopping.is_set():
+                raise EvaluationStopped(f"evaluation stopped in episode {ep} after {n} steps")
             action = self.act(obs)
             obs, reward, terminated, truncated, info = self.env.step(action)
             if recorder is not None:

@@ -93,7 +93,10 @@ class CollectorActor:
         self.collector.close()
 
 
-@ray.remote(max_restarts=1, max_task_retries=0)
+# ``stop`` has its own concurrency group for the collector's reason: it must reach an evaluator
+# that is inside a long ``evaluate_checkpoint`` (ten episodes can take a minute), or the end of
+# a run would wait for those episodes and then kill the actor.
+@ray.remote(max_restarts=1, max_task_retries=0, concurrency_groups={"control": 1})  # type: ignore[call-overload]
 class EvaluatorActor:
     """An :class:`actors.evaluator.Evaluator` in its own process with its own simulator
     (``env_index`` picks its CARLA server the way a collector id does), so evaluations never
@@ -120,6 +123,12 @@ class EvaluatorActor:
         given by deploy/, verifies it), so its bytes never go through the driver; its video, if
         due, is written by this process to run storage, so only the metric dict goes back."""
         return self.evaluator.evaluate_checkpoint(uri)
+
+    @ray.method(concurrency_group="control")
+    def stop(self) -> None:
+        """End the evaluation in flight after its current step (it raises
+        ``EvaluationStopped``); later evaluations stop at once too: the run is ending."""
+        self.evaluator.stopping.set()
 
     def close(self) -> None:
         self.evaluator.close()

@@ -286,6 +286,62 @@ def test_real_evaluator_actor_on_a_checkpoint(ray_local: None, tmp_path: Path, m
     sched.close()
 
 
+def test_stop_reaches_an_evaluator_actor_inside_a_long_evaluation(ray_local: None, tmp_path: Path) -> None:
+    """``stop`` (its own concurrency group) ends an evaluation of 500 episodes after its current
+    step, and ``close`` then returns at once: the end of a run does not wait for the episodes."""
+    import time
+
+    import ray
+
+    from actors.evaluator import EvaluationStopped
+    from deploy.run.evaluation import default_evaluator
+
+    run = str(tmp_path / "run")
+    cfg = _cfg(f"run.out_dir={run}", "run.eval_episodes=500", "env.max_episode_steps=400", "run.video_every_evals=0")
+    fake_learner, _ = _remote_classes()
+    uri = ray.get(fake_learner.remote(run, cfg.to_yaml()).checkpoint.remote(100))
+    evaluator = default_evaluator(cfg)
+    evaluating = evaluator.evaluate_checkpoint.remote(uri)
+    ready, _ = ray.wait([evaluating], timeout=3)
+    assert not ready, "500 episodes ended within 3 s: the evaluation is too short to test stopping"
+    stopped_at = time.monotonic()
+    ray.get(evaluator.stop.remote(), timeout=10)
+    with pytest.raises(EvaluationStopped, match="evaluation stopped in episode"):
+        ray.get(evaluating, timeout=30)
+    ray.get(evaluator.close.remote(), timeout=30)
+    assert time.monotonic() - stopped_at < 15
+    ray.kill(evaluator)
+
+
+def test_evaluator_stops_mid_episode_when_asked(tmp_path: Path) -> None:
+    """Without Ray: ``stopping`` set from another thread ends ``evaluate`` after the current step."""
+    import threading
+    import time
+
+    from actors.evaluator import EvaluationStopped
+
+    cfg = _cfg("run.eval_episodes=3", "env.max_episode_steps=100")
+    evaluator = Evaluator(cfg, lambda: EmbeddedDrivingEnv(cfg.env))
+    evaluator.set_weights(message_to_bytes(pack_weights(1, Actor("none", 16))))
+    steps = 0
+    act = evaluator.act
+
+    def act_and_stop_at_step_5(obs: dict[str, np.ndarray]) -> np.ndarray:
+        nonlocal steps
+        steps += 1
+        if steps == 5:
+            threading.Thread(target=evaluator.stopping.set).start()
+            time.sleep(0.2)  # the other thread has set it before the next step
+        return act(obs)
+
+    evaluator.act = act_and_stop_at_step_5  # type: ignore[method-assign]
+    # (An episode may end before step 5 with untrained weights; the stop still comes next step.)
+    with pytest.raises(EvaluationStopped, match=r"evaluation stopped in episode \d+ after \d+ steps"):
+        evaluator.evaluate()
+    assert steps == 5 and evaluator.evaluations_total == 0
+    evaluator.close()
+
+
 class _NoRayLearner:
     """``learner.checkpoint.remote(...)`` as the scheduler calls it; the reference is a stand-in."""
 

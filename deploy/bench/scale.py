@@ -211,7 +211,7 @@ def run_one(cfg: ConvoyConfig, window: Window, log: TextIO) -> dict[str, Any]:
             pass
         finally:
             supervisor.finish(timeout=30)
-            close_actors([*supervisor.live_actors(), *supervisor.shards])
+            close_actors(supervisor.named_actors())
             for actor in [*supervisor.live_actors(), *supervisor.shards, placed.control]:
                 kill(actor)
     finally:

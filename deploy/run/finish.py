@@ -70,7 +70,12 @@ def finish_run(
     print(done_line(exit_reason, summary, progress.summary()), file=out, flush=True)
     evaluator = evals.detach_evaluator()
     started = time.monotonic()
-    actors = [*supervisor.live_actors(), *supervisor.shards, *([evaluator] if evaluator else [])]
+    actors = supervisor.named_actors()
+    if evaluator is not None:
+        # An evaluation in flight (after an interrupt, or one the final evaluation did not
+        # wait for) ends after its current step instead of holding close() for its episodes.
+        stop_evaluator(evaluator)
+        actors["evaluator"] = evaluator
     close_actors(actors, hurry)
     log.info("closed %d actors in %.1f s", len(actors), time.monotonic() - started)
     for actor in [*supervisor.live_actors(), *supervisor.shards, control, evaluator]:
@@ -161,25 +166,35 @@ def done_line(exit_reason: str, summary: dict[str, Any], s: dict[str, float]) ->
     return line
 
 
-def close_actors(actors: list[Any], hurry: threading.Event | None = None, timeout: float = CLOSE_S) -> None:
-    """``close()`` on every actor at once, one deadline for all (a collector's close waits for
-    its call in flight, a learner's for its checkpoint writes); what is late gets killed."""
+def stop_evaluator(evaluator: Any) -> None:
+    try:
+        evaluator.stop.remote()
+    except Exception as exc:  # shutting down: it gets closed and killed anyway
+        log.debug("stopping the evaluator: %s", exc)
+
+
+def close_actors(actors: dict[str, Any], hurry: threading.Event | None = None, timeout: float = CLOSE_S) -> None:
+    """``close()`` on every actor (by name) at once, one deadline for all (a collector's close
+    waits for its call in flight, a learner's for its checkpoint writes); what is late gets
+    killed, and the warning names it."""
     import ray
 
-    calls = []
-    for actor in actors:
+    calls: dict[Any, str] = {}
+    for name, actor in actors.items():
         try:
-            calls.append(actor.close.remote())
+            calls[actor.close.remote()] = name
         except Exception as exc:  # shutting down: report, keep closing the rest
-            log.warning("closing an actor failed: %s", exc)
-    ready = wait_all(calls, timeout, hurry)
+            log.warning("closing %s failed: %s", name, exc)
+    ready = wait_all(list(calls), timeout, hurry)
     for ref in ready:
         try:
             ray.get(ref)
         except Exception as exc:
-            log.warning("closing an actor failed: %s", exc)
-    if len(ready) < len(calls):
-        log.warning("%d of %d actors did not close in time; killing them", len(calls) - len(ready), len(calls))
+            log.warning("closing %s failed: %s", calls[ref], exc)
+    done = set(ready)
+    late = [name for ref, name in calls.items() if ref not in done]
+    if late:
+        log.warning("%d of %d actors did not close in time (%s); killing them", len(late), len(calls), ", ".join(late))
 
 
 def kill(actor: Any) -> None:

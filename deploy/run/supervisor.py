@@ -554,3 +554,10 @@ class Supervisor:
 
     def live_actors(self) -> list[Any]:
         return [s.actor for s in self.slots.values()] + [self.learner]
+
+    def named_actors(self) -> dict[str, Any]:
+        """Every actor of the run by a name for messages: collectors, the learner, the shards."""
+        named = {f"collector {index}": slot.actor for index, slot in self.slots.items()}
+        named["learner"] = self.learner
+        named.update({f"replay shard {i}": shard for i, shard in enumerate(self.shards)})
+        return named
