@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.e2e
 def test_short_scale_bench_prints_sane_json(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "deploy.cli", "bench", "scale", "--collectors", "2,4", "--seconds", "20"]
+    cmd = [sys.executable, "-m", "deploy.cli", "bench", "scale", "--collectors", "2,4", "--seconds", "10"]
     cmd += ["--step-hz", "15", "--warmup", "3", "--out-dir", str(tmp_path), "--json"]
     # Light: a small learner batch, and calls of 16 steps (about 1 s) so that each collector
     # reports often within the window.
