@@ -211,8 +211,9 @@ def run_one(cfg: ConvoyConfig, window: Window, log: TextIO) -> dict[str, Any]:
             pass
         finally:
             supervisor.finish(timeout=30)
-            close_actors(supervisor.named_actors())
-            for actor in [*supervisor.live_actors(), *supervisor.shards, placed.control]:
+            actors = supervisor.named_actors()
+            close_actors(actors)
+            for actor in [*actors.values(), placed.control]:
                 kill(actor)
     finally:
         ray.shutdown()

@@ -78,7 +78,7 @@ def finish_run(
         actors["evaluator"] = evaluator
     close_actors(actors, hurry)
     log.info("closed %d actors in %.1f s", len(actors), time.monotonic() - started)
-    for actor in [*supervisor.live_actors(), *supervisor.shards, control, evaluator]:
+    for actor in [*actors.values(), control]:
         kill(actor)
     telemetry.close(progress, evals.summary())  # the final counters and curve point
     return summary

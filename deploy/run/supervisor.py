@@ -552,9 +552,6 @@ class Supervisor:
         self.pending.clear()
         self.say(self.progress.line())
 
-    def live_actors(self) -> list[Any]:
-        return [s.actor for s in self.slots.values()] + [self.learner]
-
     def named_actors(self) -> dict[str, Any]:
         """Every actor of the run by a name for messages: collectors, the learner, the shards."""
         named = {f"collector {index}": slot.actor for index, slot in self.slots.items()}
